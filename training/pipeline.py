@@ -1,0 +1,365 @@
+"""The training run: features, cross-validated heads, cleanlab, export, write-back."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from plugin.metadata import DEFAULT_KEY_PREFIX, Verdict, build_metadata, review_priority
+from plugin.runtime import AUTO, OnnxModel
+
+from .backbone import create_backbone
+from .crossval import HeadCache, assign_folds, check_class_counts, out_of_fold_probabilities, train_fold_heads
+from .detection import DEFAULT_FILTER_BY, DEFAULT_SCORE_METHOD, Detection, detect_label_issues
+from .features import FeatureStore, extract_features
+from .heads import HEAD_C, SCREEN_C, as_torch_module
+from .images import ImageCache
+from .onnx_export import export_onnx
+from .sources.base import AssetResult, ProjectSource, SourceError, WriteSummary
+from .versions import VersionWriter, remove_stale_temporaries
+
+logger = logging.getLogger(__name__)
+
+LINEAR = "linear"
+FINETUNE = "finetune"
+MODES = ("auto", LINEAR, FINETUNE)
+ISSUES_CSV = "label_issues.csv"
+OOF_FILE = "out_of_fold.npz"
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training run; every field has a command-line option."""
+
+    models_dir: Path
+    cache_dir: Path | None = None
+    model_name: str = "tf_efficientnet_lite0"
+    weights: str | None = None
+    mode: str = "auto"
+    folds: int = 4
+    seed: int = 0
+    filter_by: str = DEFAULT_FILTER_BY
+    score_method: str = DEFAULT_SCORE_METHOD
+    drop_rare_classes: bool = False
+    evaluate_cleaning: bool = False
+    write_results: bool = True
+    dry_run: bool = False
+    key_prefix: str = DEFAULT_KEY_PREFIX
+    workers: int = 8
+    providers: tuple[str, ...] = AUTO
+    progress: bool = True
+    epochs: int = 10  # finetune mode only
+    batch_size: int = 32  # finetune mode only
+
+    @property
+    def cache_root(self) -> Path:
+        return Path(self.cache_dir) if self.cache_dir else Path(self.models_dir) / "cache"
+
+
+@dataclass
+class TrainResult:
+    """What a run produced: the version folder, the table of verdicts and the summary."""
+
+    version_dir: Path
+    issues_csv: Path
+    summary: dict
+    rows: list[dict]
+    write_summary: WriteSummary | None = None
+    skipped: dict[str, int] = field(default_factory=dict)
+
+
+def resolve_mode(mode: str) -> str:
+    """Pick the training mode; ``auto`` fine-tunes only where CUDA is available."""
+    if mode not in MODES:
+        raise ValueError(f"invalid mode {mode!r}: use one of {', '.join(MODES)}")
+    if mode != "auto":
+        logger.info("Training mode: %s (requested)", mode)
+        return mode
+    import torch
+
+    if torch.cuda.is_available():
+        logger.info("Training mode: finetune (CUDA is available)")
+        return FINETUNE
+    logger.info("Training mode: linear (no CUDA device: frozen backbone features and one head per fold)")
+    return LINEAR
+
+
+def train(source: ProjectSource, config: TrainConfig) -> TrainResult:
+    """Run cross-validated label-error detection on a project and export a version."""
+    started = time.monotonic()
+    mode = resolve_mode(config.mode)
+    models_dir = Path(config.models_dir)
+    models_dir.mkdir(parents=True, exist_ok=True)
+    removed = remove_stale_temporaries(models_dir)
+    if removed:
+        logger.info("Removed %d incomplete versions left by interrupted runs", removed)
+
+    classes = source.classes()
+    assets = sorted(source.list_assets(), key=lambda asset: asset.asset_id)
+    if not assets:
+        raise SourceError(f"project {source.name} has no labeled assets to train on")
+    logger.info("Project %s: %d labeled assets, %d classes", source.name, len(assets), len(classes))
+
+    model, spec = create_backbone(config.model_name, config.weights)
+    backbone_key = f"{spec.model_name}|{spec.weights_sha256}|{spec.preprocessing.cache_key()}"
+    backbone_path = _cached_backbone_onnx(model, spec, config.cache_root)
+    image_cache = ImageCache(config.cache_root / "images", spec.preprocessing)
+
+    backbone = OnnxModel(backbone_path, providers=config.providers)
+    store = FeatureStore(config.cache_root / "features.sqlite", backbone_key)
+    extracted = extract_features(
+        source, assets, backbone, store, image_cache, spec.preprocessing,
+        workers=config.workers, progress=config.progress,
+    )
+    if not extracted.assets:
+        raise SourceError(f"none of the {len(assets)} images of {source.name} could be read")
+
+    kept_assets, features, sha256s = extracted.assets, extracted.features, extracted.sha256s
+    rare = check_class_counts(
+        [asset.label for asset in kept_assets], classes, config.folds, drop_rare=config.drop_rare_classes
+    )
+    if rare:
+        keep = [index for index, asset in enumerate(kept_assets) if asset.label not in rare]
+        kept_assets = [kept_assets[index] for index in keep]
+        features, sha256s = features[keep], [sha256s[index] for index in keep]
+    present = {asset.label for asset in kept_assets}
+    if len(present) < 2:
+        raise SourceError(
+            f"project {source.name} has readable images of only {sorted(present)}: "
+            "label-error detection needs at least two classes"
+        )
+
+    labels = np.array([classes.index(asset.label) for asset in kept_assets], dtype=np.int64)
+    folds = assign_folds(labels, config.folds, config.seed)
+    settings = {"backbone": backbone_key, "seed": config.seed, "mode": mode, "screen_c": SCREEN_C}
+
+    writer = VersionWriter(models_dir)
+    try:
+        if mode == LINEAR:
+            fold_heads = train_fold_heads(
+                features, labels, sha256s, folds, len(classes),
+                cache=HeadCache(config.cache_root / "heads"), settings=settings, progress=config.progress,
+            )
+            fold_files = _export_heads(writer, fold_heads.heads, features.shape[1])
+            shutil.copyfile(backbone_path, writer.path("backbone.onnx"))
+            pred_probs = _onnx_out_of_fold(writer, fold_files, features, folds, config.providers)
+            graph = {"backbone": "backbone.onnx", "folds": fold_files, "fold_input": "features"}
+            training_details = {"screen_c": SCREEN_C, "head_c": HEAD_C,
+                                "screened_out": int(fold_heads.screened_out.sum()),
+                                "heads_trained": fold_heads.trained}
+        else:
+            from .finetune import finetune_folds
+
+            outcome = finetune_folds(
+                source, kept_assets, labels, folds, classes, spec, image_cache, writer, config
+            )
+            pred_probs = outcome.pred_probs
+            fold_files = outcome.fold_files
+            graph = {"backbone": None, "folds": fold_files, "fold_input": "image"}
+            training_details = outcome.details
+
+        detection = detect_label_issues(
+            labels, pred_probs, filter_by=config.filter_by, score_method=config.score_method
+        )
+        rows = _issue_rows(kept_assets, labels, detection, classes)
+        issues_path = writer.path(ISSUES_CSV)
+        _write_issues_csv(issues_path, rows)
+        np.savez_compressed(
+            writer.path(OOF_FILE),
+            asset_ids=np.array([asset.asset_id for asset in kept_assets]),
+            labels=labels,
+            pred_probs=pred_probs,
+            folds=folds,
+        )
+
+        summary = _summary(source, kept_assets, classes, detection, extracted, rare, mode, started)
+        if config.evaluate_cleaning and mode == LINEAR:
+            summary["cleaning"] = evaluate_cleaning(
+                features, labels, sha256s, detection.is_issue, len(classes), config, settings
+            )
+        manifest = {
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "source": source.name,
+            "mode": mode,
+            "classes": classes,
+            "class_display_names": source.class_display_names(),
+            "backbone": {
+                "model_name": spec.model_name,
+                "weights": spec.weights,
+                "weights_sha256": spec.weights_sha256,
+                "num_features": spec.num_features,
+            },
+            "preprocessing": spec.preprocessing.to_dict(),
+            "graph": graph,
+            "decision": {**detection.tables.to_dict(), "score_method": config.score_method},
+            "training": {"folds": config.folds, "seed": config.seed, **training_details},
+            "training_assets": {
+                asset.asset_id: {"fold": int(fold), "sha256": sha}
+                for asset, fold, sha in zip(kept_assets, folds, sha256s)
+            },
+            "metrics": summary,
+        }
+        checksummed = [*fold_files, OOF_FILE, ISSUES_CSV]
+        if graph["backbone"]:
+            checksummed.append(graph["backbone"])
+        version_dir = writer.commit(manifest, checksummed=checksummed)
+    except BaseException:
+        writer.abort()
+        raise
+
+    result = TrainResult(
+        version_dir=version_dir,
+        issues_csv=version_dir / ISSUES_CSV,
+        summary=summary,
+        rows=rows,
+        skipped=dict(source.read_summary.skipped),
+    )
+    if config.write_results:
+        result.write_summary = write_verdicts(source, rows, version_dir.name, config)
+    return result
+
+
+def _cached_backbone_onnx(model, spec, cache_root: Path) -> Path:
+    import torch
+
+    size = spec.preprocessing.input_size
+    path = cache_root / "backbones" / f"{spec.model_name}-{spec.weights_sha256[:16]}-{size}.onnx"
+    if not path.is_file():
+        logger.info("Exporting the %s backbone to ONNX", spec.model_name)
+        temporary = path.with_suffix(".tmp.onnx")
+        export_onnx(model, torch.zeros(2, 3, size, size), temporary, input_name="image", output_name="features")
+        temporary.replace(path)
+    return path
+
+
+def _export_heads(writer: VersionWriter, heads, num_features: int) -> list[str]:
+    import torch
+
+    names = []
+    for fold, head in enumerate(heads):
+        example = torch.zeros(2, num_features)
+        name = f"fold_{fold}.onnx"
+        export_onnx(as_torch_module(head), example, writer.path(name), input_name="features", output_name="probabilities")
+        names.append(name)
+    return names
+
+
+def _onnx_out_of_fold(writer, fold_files, features, folds, providers) -> np.ndarray:
+    """Compute out-of-fold probabilities with the exported heads, as the plugin will."""
+    pred_probs = None
+    for fold, name in enumerate(fold_files):
+        rows = folds == fold
+        output = OnnxModel(writer.path(name), providers=providers).run(features[rows]).astype(np.float64)
+        if pred_probs is None:
+            pred_probs = np.zeros((features.shape[0], output.shape[1]))
+        pred_probs[rows] = output
+    return pred_probs
+
+
+def evaluate_cleaning(features, labels, sha256s, is_issue, num_classes, config, settings) -> dict:
+    """Cross-validated accuracy before and after removing the flagged assets.
+
+    Both accuracies are measured against the given labels, on all assets
+    before and on the kept assets after, as Kili's published evaluation did.
+    """
+    def cross_validated_accuracy(rows: np.ndarray) -> float:
+        subset_labels = labels[rows]
+        folds = assign_folds(subset_labels, config.folds, config.seed)
+        heads = train_fold_heads(
+            features[rows], subset_labels, [sha256s[i] for i in rows], folds, num_classes,
+            cache=HeadCache(config.cache_root / "heads"), settings={**settings, "evaluation": True},
+            screen=False, progress=config.progress,
+        )
+        probabilities = out_of_fold_probabilities(heads.heads, features[rows], folds)
+        return float(np.mean(probabilities.argmax(axis=1) == subset_labels))
+
+    all_rows = np.arange(labels.shape[0])
+    kept_rows = np.flatnonzero(~is_issue)
+    before = cross_validated_accuracy(all_rows)
+    after = cross_validated_accuracy(kept_rows)
+    return {
+        "assets_before": int(all_rows.size),
+        "assets_after": int(kept_rows.size),
+        "cv_accuracy_before": before,
+        "cv_accuracy_after": after,
+    }
+
+
+def _issue_rows(assets, labels, detection: Detection, classes) -> list[dict]:
+    order = sorted(
+        range(len(assets)), key=lambda i: (not detection.is_issue[i], detection.scores[i], assets[i].asset_id)
+    )
+    rows = []
+    for rank, index in enumerate(order, start=1):
+        rows.append({
+            "asset_id": assets[index].asset_id,
+            "given_label": classes[labels[index]],
+            "suggested_label": classes[detection.suggested_labels[index]],
+            "score": float(detection.scores[index]),
+            "is_issue": bool(detection.is_issue[index]),
+            "rank": rank,
+            "location": assets[index].location,
+        })
+    return rows
+
+
+def _write_issues_csv(path: Path, rows: list[dict]) -> None:
+    columns = ["asset_id", "given_label", "suggested_label", "score", "is_issue", "rank"]
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**row, "score": f"{row['score']:.6f}"})
+
+
+def _summary(source, assets, classes, detection, extracted, rare, mode, started) -> dict:
+    labels = [asset.label for asset in assets]
+    return {
+        "source": source.name,
+        "mode": mode,
+        "assets": len(assets),
+        "flagged": int(detection.is_issue.sum()),
+        "failed_images": len(extracted.failed),
+        "skipped_labels": dict(source.read_summary.skipped),
+        "excluded_classes": sorted(rare),
+        "features_computed": extracted.computed,
+        "features_reused": extracted.reused,
+        "cv_accuracy": detection.cv_accuracy,
+        "filter_by": detection.tables.filter_by,
+        "estimated_noise_per_class": {
+            name: round(float(detection.noise_per_class[index]), 4)
+            for index, name in enumerate(classes)
+            if name in labels
+        },
+        "seconds": round(time.monotonic() - started, 1),
+    }
+
+
+def write_verdicts(source: ProjectSource, rows: list[dict], version: str, config: TrainConfig) -> WriteSummary:
+    """Write each asset's verdict to the source as metadata and priority."""
+    scored_at = datetime.now(timezone.utc)
+    results = []
+    for row in rows:
+        verdict = Verdict(
+            score=row["score"], flagged=row["is_issue"],
+            suggested_label=row["suggested_label"], model_version=version,
+        )
+        results.append(AssetResult(
+            asset_id=row["asset_id"],
+            metadata=build_metadata(verdict, prefix=config.key_prefix, scored_at=scored_at),
+            priority=review_priority(verdict),
+        ))
+    summary = source.write_results(results, dry_run=config.dry_run)
+    verb = "would write" if config.dry_run else "wrote"
+    logger.info(
+        "Results: %s %d assets, %d unchanged, %d failed", verb, summary.written, summary.unchanged, summary.failed
+    )
+    return summary
+
