@@ -143,13 +143,21 @@ def _load_checkpoint(model, path: Path, model_name: str) -> str:
     state = {name.removeprefix("module."): value for name, value in state.items()}
     state = {name: value for name, value in state.items() if not name.startswith("classifier.")}
 
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
+    expected = model.state_dict()
+    mismatched = [
+        name for name, value in state.items()
+        if name in expected and tuple(value.shape) != tuple(expected[name].shape)
+    ]
+    missing = [name for name in expected if name not in state]
+    unexpected = [name for name in state if name not in expected]
+    if missing or unexpected or mismatched:
         raise BackboneError(
             f"checkpoint {path} does not fit {model_name}: {len(missing)} missing keys "
-            f"(first: {missing[:3]}), {len(unexpected)} unexpected keys (first: {unexpected[:3]}). "
+            f"(first: {missing[:3]}), {len(unexpected)} unexpected keys (first: {unexpected[:3]}), "
+            f"{len(mismatched)} keys of another shape (first: {mismatched[:3]}). "
             "Check that --model names the architecture the checkpoint was trained as."
         )
+    model.load_state_dict(state, strict=True)
     return sha256_file(path)
 
 

@@ -52,10 +52,29 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="show what would be written to the project and write nothing")
     parser.add_argument("--no-write", action="store_true", help="export the model version only; write no results to the project")
     parser.add_argument("--key-prefix", default=DEFAULT_KEY_PREFIX, help="prefix of the metadata keys written (default: %(default)s)")
+    parser.add_argument("--review", action="store_true",
+                        help="Kili only: send newly flagged assets to review (add_to_review)")
+    parser.add_argument("--create-issues", action="store_true",
+                        help="Kili only: open an issue on each newly flagged label with the class the model expects")
     parser.add_argument("--workers", type=int, default=8, help="parallel image downloads and decodes (default: %(default)s)")
     parser.add_argument("--epochs", type=int, default=10, help="maximum epochs per fold in finetune mode (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=32, help="batch size in finetune mode (default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--report", action="store_true",
+                        help="also write the HTML review report (report.html in the new version folder)")
+
+
+def _add_report_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models-dir", default=DEFAULT_MODELS_DIR, metavar="DIR",
+                        help="folder of the model versions (default: %(default)s)")
+    parser.add_argument("--version", metavar="vNNNN", help="version to report on (default: the one named in DIR/CURRENT)")
+    parser.add_argument("--output", metavar="FILE", help="HTML file to write (default: report.html in the version folder)")
+    parser.add_argument("--no-thumbnails", action="store_true", help="leave the images out of the report")
+    parser.add_argument("--max-thumbnails", type=int, default=2000,
+                        help="embed thumbnails for at most this many suspects, most likely errors first (default: %(default)s)")
+    parser.add_argument("--thumbnail-size", type=int, default=96, metavar="PIXELS",
+                        help="maximum width and height of each thumbnail in pixels (default: %(default)s)")
+    _add_source_arguments(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +88,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     train_parser = commands.add_parser("train", help="train fold models, flag likely label errors and write results")
     _add_train_arguments(train_parser)
+
+    report_parser = commands.add_parser(
+        "report", help="write a self-contained HTML report of a model version's suspects",
+        description="Write one HTML file with the run summary, plots and the suspects of a model version. "
+        "Name the project (--data or --project-id) to add thumbnails and links to the assets.",
+    )
+    _add_report_arguments(report_parser)
+
+    clear_parser = commands.add_parser("clear", help="remove this tool's metadata keys (and stored results) from a project")
+    _add_source_arguments(clear_parser)
+    clear_parser.add_argument("--key-prefix", default=DEFAULT_KEY_PREFIX, help="prefix of the keys to remove (default: %(default)s)")
+    clear_parser.add_argument("--dry-run", action="store_true", help="count the assets that would be cleared and change nothing")
 
     demo_parser = commands.add_parser("demo", help="run on scikit-learn's digits with 10%% of labels flipped")
     demo_parser.add_argument("--output", default="demo-output", metavar="DIR", help="folder for the demo project and results (default: %(default)s)")
@@ -89,7 +120,7 @@ def make_source(args: argparse.Namespace):
 
         classes = [name.strip() for name in args.classes.split(",")] if args.classes else None
         return LocalProject(args.data, classes=classes, results_db=args.results_db)
-    from .sources.kili import KiliProject  # noqa: F401  (added with the Kili source)
+    from .sources.kili import KiliProject
 
     return KiliProject.from_arguments(args)
 
@@ -121,6 +152,44 @@ def run_train(args: argparse.Namespace) -> int:
     )
     result = train(source, config)
     print_summary(result, dry_run=args.dry_run)
+    if args.report:
+        from .report import render_report
+
+        print(f"Report:             {render_report(result.version_dir, source=source, workers=args.workers)}")
+    return 0
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from plugin.model_version import VERSIONS, ModelVersionError, current_version_dir
+
+    from .report import ReportError, render_report
+
+    models_dir = Path(args.models_dir)
+    if args.version:
+        version_dir = models_dir / VERSIONS / args.version
+        if not version_dir.is_dir():
+            raise ReportError(f"version {args.version!r} not found in {models_dir / VERSIONS}: pass an existing --version")
+    else:
+        try:
+            version_dir = current_version_dir(models_dir)
+        except ModelVersionError as error:
+            raise ReportError(str(error)) from error
+        if version_dir is None:
+            raise ReportError(f"no model version in {models_dir}: run `kili-label-errors train` first or pass --models-dir")
+    source = make_source(args) if args.data or args.project_id else None
+    path = render_report(
+        version_dir, source=source, output=args.output, thumbnails=not args.no_thumbnails,
+        max_thumbnails=args.max_thumbnails, thumbnail_px=args.thumbnail_size,
+    )
+    print(f"Report: {path}")
+    return 0
+
+
+def run_clear(args: argparse.Namespace) -> int:
+    source = make_source(args)
+    count = source.clear_results(dry_run=args.dry_run)
+    verb = "would clear" if args.dry_run else "cleared"
+    print(f"{source.name}: {verb} the results of {count} assets")
     return 0
 
 
@@ -140,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     from .sources.base import SourceError
 
-    handlers = {"train": run_train, "demo": run_demo}
+    handlers = {"train": run_train, "report": run_report, "clear": run_clear, "demo": run_demo}
     try:
         return handlers[args.command](args)
     except (SourceError, ValueError, FileNotFoundError) as error:

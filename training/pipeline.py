@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import logging
 import shutil
 import time
@@ -11,16 +13,18 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from plugin.metadata import DEFAULT_KEY_PREFIX, Verdict, build_metadata, review_priority
+from plugin.model_version import MANIFEST, ModelVersionError, current_version_dir
 from plugin.runtime import AUTO, OnnxModel
 
 from .backbone import create_backbone
 from .crossval import HeadCache, assign_folds, check_class_counts, out_of_fold_probabilities, train_fold_heads
 from .detection import DEFAULT_FILTER_BY, DEFAULT_SCORE_METHOD, Detection, detect_label_issues
-from .features import FeatureStore, extract_features
+from .features import FeatureResult, FeatureStore, extract_features
 from .heads import HEAD_C, SCREEN_C, as_torch_module
-from .images import ImageCache
+from .images import ImageCache, load_images
 from .onnx_export import export_onnx
 from .sources.base import AssetResult, ProjectSource, SourceError, WriteSummary
 from .versions import VersionWriter, remove_stale_temporaries
@@ -112,12 +116,15 @@ def train(source: ProjectSource, config: TrainConfig) -> TrainResult:
     backbone_path = _cached_backbone_onnx(model, spec, config.cache_root)
     image_cache = ImageCache(config.cache_root / "images", spec.preprocessing)
 
-    backbone = OnnxModel(backbone_path, providers=config.providers)
-    store = FeatureStore(config.cache_root / "features.sqlite", backbone_key)
-    extracted = extract_features(
-        source, assets, backbone, store, image_cache, spec.preprocessing,
-        workers=config.workers, progress=config.progress,
-    )
+    if mode == LINEAR:
+        backbone = OnnxModel(backbone_path, providers=config.providers)
+        store = FeatureStore(config.cache_root / "features.sqlite", backbone_key)
+        extracted = extract_features(
+            source, assets, backbone, store, image_cache, spec.preprocessing,
+            workers=config.workers, progress=config.progress,
+        )
+    else:
+        extracted = _load_all_images(source, assets, image_cache, config)
     if not extracted.assets:
         raise SourceError(f"none of the {len(assets)} images of {source.name} could be read")
 
@@ -128,7 +135,9 @@ def train(source: ProjectSource, config: TrainConfig) -> TrainResult:
     if rare:
         keep = [index for index, asset in enumerate(kept_assets) if asset.label not in rare]
         kept_assets = [kept_assets[index] for index in keep]
-        features, sha256s = features[keep], [sha256s[index] for index in keep]
+        sha256s = [sha256s[index] for index in keep]
+        if mode == LINEAR:
+            features = features[keep]
     present = {asset.label for asset in kept_assets}
     if len(present) < 2:
         raise SourceError(
@@ -139,6 +148,11 @@ def train(source: ProjectSource, config: TrainConfig) -> TrainResult:
     labels = np.array([classes.index(asset.label) for asset in kept_assets], dtype=np.int64)
     folds = assign_folds(labels, config.folds, config.seed)
     settings = {"backbone": backbone_key, "seed": config.seed, "mode": mode, "screen_c": SCREEN_C}
+    fingerprint = _run_fingerprint(kept_assets, sha256s, classes, config, mode, backbone_key)
+
+    unchanged = _unchanged_version(models_dir, fingerprint)
+    if unchanged is not None:
+        return _reuse_version(unchanged, source, kept_assets, labels, classes, extracted, rare, mode, started, config, features, sha256s, settings)
 
     writer = VersionWriter(models_dir)
     try:
@@ -158,7 +172,8 @@ def train(source: ProjectSource, config: TrainConfig) -> TrainResult:
             from .finetune import finetune_folds
 
             outcome = finetune_folds(
-                source, kept_assets, labels, folds, classes, spec, image_cache, writer, config
+                source, kept_assets, labels, folds, classes, spec, image_cache, writer, config,
+                sha256s=sha256s, backbone_state=model.state_dict(),
             )
             pred_probs = outcome.pred_probs
             fold_files = outcome.fold_files
@@ -184,6 +199,11 @@ def train(source: ProjectSource, config: TrainConfig) -> TrainResult:
             summary["cleaning"] = evaluate_cleaning(
                 features, labels, sha256s, detection.is_issue, len(classes), config, settings
             )
+        elif config.evaluate_cleaning:
+            summary["cleaning"] = _evaluate_cleaning_finetuned(
+                source, kept_assets, labels, classes, spec, image_cache, config, sha256s,
+                model.state_dict(), detection.is_issue,
+            )
         manifest = {
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "source": source.name,
@@ -205,6 +225,7 @@ def train(source: ProjectSource, config: TrainConfig) -> TrainResult:
                 for asset, fold, sha in zip(kept_assets, folds, sha256s)
             },
             "metrics": summary,
+            "fingerprint": fingerprint,
         }
         checksummed = [*fold_files, OOF_FILE, ISSUES_CSV]
         if graph["backbone"]:
@@ -224,6 +245,89 @@ def train(source: ProjectSource, config: TrainConfig) -> TrainResult:
     if config.write_results:
         result.write_summary = write_verdicts(source, rows, version_dir.name, config)
     return result
+
+
+def _run_fingerprint(assets, sha256s, classes, config: TrainConfig, mode: str, backbone_key: str) -> str:
+    """Hash everything a version depends on: the labeled images and the settings."""
+    digest = hashlib.sha256()
+    settings = {
+        "backbone": backbone_key, "mode": mode, "classes": classes, "folds": config.folds, "seed": config.seed,
+        "filter_by": config.filter_by, "score_method": config.score_method,
+        "screen_c": SCREEN_C, "head_c": HEAD_C, "epochs": config.epochs, "batch_size": config.batch_size,
+    }
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    for asset, sha in sorted(zip(assets, sha256s), key=lambda pair: pair[0].asset_id):
+        digest.update(f"{asset.asset_id}\t{sha}\t{asset.label}\n".encode())
+    return digest.hexdigest()
+
+
+def _unchanged_version(models_dir: Path, fingerprint: str) -> Path | None:
+    """Return the current version when it was trained on exactly these inputs."""
+    try:
+        directory = current_version_dir(models_dir)
+    except ModelVersionError:
+        return None
+    if directory is None:
+        return None
+    manifest = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
+    return directory if manifest.get("fingerprint") == fingerprint else None
+
+
+def _reuse_version(version_dir, source, assets, labels, classes, extracted, rare, mode, started, config, features, sha256s, settings) -> TrainResult:
+    """Rebuild the verdicts from an up-to-date version instead of training again."""
+    logger.info("Nothing changed since model version %s: reusing it, nothing is trained", version_dir.name)
+    with np.load(version_dir / OOF_FILE) as stored:
+        order = {asset_id: row for row, asset_id in enumerate(stored["asset_ids"])}
+        pred_probs = stored["pred_probs"][[order[asset.asset_id] for asset in assets]]
+    detection = detect_label_issues(labels, pred_probs, filter_by=config.filter_by, score_method=config.score_method)
+    rows = _issue_rows(assets, labels, detection, classes)
+    summary = _summary(source, assets, classes, detection, extracted, rare, mode, started)
+    summary["reused_version"] = version_dir.name
+    if config.evaluate_cleaning and mode == LINEAR:
+        summary["cleaning"] = evaluate_cleaning(features, labels, sha256s, detection.is_issue, len(classes), config, settings)
+    result = TrainResult(
+        version_dir=version_dir, issues_csv=version_dir / ISSUES_CSV, summary=summary, rows=rows,
+        skipped=dict(source.read_summary.skipped),
+    )
+    if config.write_results:
+        result.write_summary = write_verdicts(source, rows, version_dir.name, config)
+    return result
+
+
+def _load_all_images(source, assets, image_cache, config) -> FeatureResult:
+    """Decode and cache every image for fine-tuning; features stay empty."""
+    result = FeatureResult(assets=[], sha256s=[], features=np.zeros((0, 0), dtype=np.float32))
+    loaded = load_images(source, assets, image_cache, need_pixels=lambda sha256: True, workers=config.workers)
+    for item in tqdm(loaded, total=len(assets), desc="Images", unit="img", disable=not config.progress):
+        if item.error:
+            logger.warning("Skipping asset %s: %s", item.asset.asset_id, item.error)
+            result.failed.append((item.asset, item.error))
+            continue
+        result.assets.append(item.asset)
+        result.sha256s.append(item.sha256)
+    return result
+
+
+def _evaluate_cleaning_finetuned(source, assets, labels, classes, spec, image_cache, config, sha256s, backbone_state, is_issue) -> dict:
+    """Fine-tuned cross-validated accuracy before and after removing the flagged assets."""
+    from .finetune import finetune_folds
+
+    def cross_validated_accuracy(rows: np.ndarray) -> float:
+        subset_labels = labels[rows]
+        folds = assign_folds(subset_labels, config.folds, config.seed)
+        outcome = finetune_folds(
+            source, [assets[i] for i in rows], subset_labels, folds, classes, spec, image_cache, None, config,
+            sha256s=[sha256s[i] for i in rows], backbone_state=backbone_state,
+        )
+        return float(np.mean(outcome.pred_probs.argmax(axis=1) == subset_labels))
+
+    kept_rows = np.flatnonzero(~is_issue)
+    return {
+        "assets_before": int(labels.size),
+        "assets_after": int(kept_rows.size),
+        "cv_accuracy_before": cross_validated_accuracy(np.arange(labels.size)),
+        "cv_accuracy_after": cross_validated_accuracy(kept_rows),
+    }
 
 
 def _cached_backbone_onnx(model, spec, cache_root: Path) -> Path:
