@@ -23,8 +23,10 @@ MODEL_VERSION = "model_version"
 SCORED_AT = "scored_at"
 STATUS = "status"
 OWNED_KEYS = (SCORE, FLAGGED, SUGGESTED_LABEL, MODEL_VERSION, SCORED_AT, STATUS)
-# Keys that do not change the verdict: a rewrite is skipped when only these differ.
-VOLATILE_KEYS = (SCORED_AT,)
+# Keys that do not change the verdict: a rewrite is skipped when only these
+# differ, so a retrain writes only the assets whose verdict changed and the
+# stored version and time are those of the run that gave the current verdict.
+VOLATILE_KEYS = (SCORED_AT, MODEL_VERSION)
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,7 @@ def clear_metadata(current: Mapping[str, object] | None, *, prefix: str = DEFAUL
 def metadata_changed(
     current: Mapping[str, object] | None, merged: Mapping[str, object], *, prefix: str = DEFAULT_KEY_PREFIX
 ) -> bool:
-    """Tell whether writing ``merged`` would change anything but the timestamps."""
+    """Tell whether writing ``merged`` would change anything but the volatile keys."""
     volatile = {prefix + key for key in VOLATILE_KEYS}
 
     def stable(data: Mapping[str, object] | None) -> dict:

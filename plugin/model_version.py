@@ -1,6 +1,6 @@
 """Loading an exported model version and scoring labels with it.
 
-A models directory holds one folder per version (``versions/v0001`` ...) and
+A models directory contains one folder per version (``versions/v0001`` ...) and
 a ``CURRENT`` file naming the version in use. A version folder contains the
 ONNX files, ``manifest.json`` and the out-of-fold results. It is only used
 when every file's SHA-256 matches the manifest.

@@ -31,7 +31,7 @@ class ImageDecodeError(ValueError):
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """How an image becomes a model input (timm's evaluation transform)."""
+    """Settings of timm's evaluation transform: resize, center crop and normalization."""
 
     input_size: int = 224
     crop_pct: float = 0.875

@@ -30,3 +30,4 @@ def fake_kili(tmp_path_factory, monkeypatch):
         yield server
     finally:
         server.stop()
+    assert server.handler_errors == [], "the fake Kili server failed:\n" + "\n".join(server.handler_errors)

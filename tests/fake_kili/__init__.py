@@ -1,9 +1,9 @@
 """A fake Kili GraphQL server on 127.0.0.1 for tests that run the real ``kili`` SDK.
 
 The server resolves the GraphQL operations that ``kili`` 26.2.4 sends for the
-calls this project makes, keeps every project, asset, label, issue and
-metadata value in memory, and serves image bytes behind the API-key header,
-so a test can run the tool against it and then assert what was written.
+calls this project makes. It keeps every project, asset, label, issue and
+metadata value in memory and serves image bytes behind the API-key header, so
+a test can run the tool against it and then assert what was written.
 
 Usage (the ``fake_kili`` pytest fixture in ``tests/conftest.py`` does the
 environment part and stops the server afterwards)::
@@ -46,7 +46,9 @@ from __future__ import annotations
 import gzip
 import itertools
 import json
+import sys
 import threading
+import traceback
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -173,6 +175,7 @@ class FakeKili:
         self.requests: list[tuple[str, dict]] = []
         self.queries: list[tuple[str, str]] = []  # (root field, GraphQL document) per operation
         self.file_requests: list[tuple[str, str, bool]] = []  # (method, file id, had the key)
+        self.handler_errors: list[str] = []  # tracebacks of errors inside request handlers
         self.declined: set[str] = set()
         self.failed: set[str] = set()
         self._failures: dict[str, list[int]] = {}
@@ -191,7 +194,8 @@ class FakeKili:
         class Handler(_Handler):
             server_state = fake
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = _Server(("127.0.0.1", 0), Handler)
+        self._server.state = self
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="fake-kili", daemon=True)
         self._thread.start()
@@ -385,6 +389,17 @@ class FakeKili:
                 asset.priority = data["priority"]
             updated.append({"id": asset.id})
         return updated
+
+
+class _Server(ThreadingHTTPServer):
+    state: FakeKili
+
+    def handle_error(self, request, client_address) -> None:
+        """Record a handler error instead of printing it; a client that hung up is not one."""
+        error = sys.exc_info()[1]
+        if isinstance(error, (BrokenPipeError, ConnectionResetError)):
+            return
+        self.state.handler_errors.append(traceback.format_exc())
 
 
 class _Handler(BaseHTTPRequestHandler):
