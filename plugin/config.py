@@ -271,3 +271,29 @@ def load_config(path: str | Path) -> PluginConfig:
         return parse_config(data, path.resolve().parent)
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}") from None
+
+
+def config_to_dict(config: PluginConfig) -> dict:
+    """Return ``config`` in the JSON layout of ``plugin_config.json`` (``parse_config`` reads it back)."""
+    return {
+        "project_id": config.project_id,
+        "job": config.job,
+        "key_prefix": config.key_prefix,
+        "thresholds": config.thresholds,
+        "priority": {"flagged_min": config.priority.flagged_min, "flagged_max": config.priority.flagged_max,
+                     "unflagged_max": config.priority.unflagged_max},
+        "review": {"send_to_review": config.send_to_review, "create_issues": config.create_issues},
+        "models_dir": str(config.models_dir),
+        "inbox_path": str(config.inbox_path),
+        "providers": "auto" if config.providers == ("auto",) else list(config.providers),
+        "secret_env": config.secret_env,
+        "api_key_env": config.api_key_env,
+        "api_endpoint": config.api_endpoint,
+        "no_model": config.no_model,
+        "max_batch_size": config.max_batch_size,
+        "max_body_bytes": config.max_body_bytes,
+        "download_workers": config.download_workers,
+        "retry": {"attempts": config.retry.attempts, "initial_wait_seconds": config.retry.initial_wait_seconds,
+                  "max_wait_seconds": config.retry.max_wait_seconds},
+        "listen": {"host": config.host, "port": config.port},
+    }

@@ -67,6 +67,39 @@ def set_current_version(models_dir: str | Path, name: str) -> None:
     os.replace(temporary, models_dir / CURRENT)
 
 
+def verify_version(directory: str | Path) -> dict:
+    """Return a version's manifest after checking the SHA-256 of every file it lists.
+
+    Raises ``ModelVersionError`` naming the version and the file when the
+    manifest is missing, unreadable or of another format, or a file is missing
+    or changed.
+    """
+    directory = Path(directory)
+    manifest_path = directory / MANIFEST
+    if not manifest_path.is_file():
+        raise ModelVersionError(f"no {MANIFEST} in {directory}: not a complete model version")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ModelVersionError(f"{manifest_path} is not valid JSON ({error})") from error
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise ModelVersionError(
+            f"{manifest_path} has format {manifest.get('format')!r}, this tool reads format "
+            f"{MANIFEST_FORMAT}; retrain or upgrade kili-label-errors"
+        )
+    for name, expected in manifest["files"].items():
+        path = directory / name
+        if not path.is_file():
+            raise ModelVersionError(f"model version {manifest['version']}: file {name} is missing")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise ModelVersionError(
+                f"model version {manifest['version']}: checksum of {name} is {actual[:12]}..., "
+                f"the manifest expects {expected[:12]}...; the file was changed or damaged, retrain"
+            )
+    return manifest
+
+
 @dataclass(frozen=True)
 class Prediction:
     """Probabilities of one image and how they were obtained."""
@@ -97,28 +130,7 @@ class ModelVersion:
     def load(cls, directory: str | Path, *, providers: Sequence[str] = AUTO) -> "ModelVersion":
         """Load a version after checking that every file matches its checksum."""
         directory = Path(directory)
-        manifest_path = directory / MANIFEST
-        if not manifest_path.is_file():
-            raise ModelVersionError(f"no {MANIFEST} in {directory}: not a complete model version")
-        try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise ModelVersionError(f"{manifest_path} is not valid JSON ({error})") from error
-        if manifest.get("format") != MANIFEST_FORMAT:
-            raise ModelVersionError(
-                f"{manifest_path} has format {manifest.get('format')!r}, this tool reads format "
-                f"{MANIFEST_FORMAT}; retrain or upgrade kili-label-errors"
-            )
-        for name, expected in manifest["files"].items():
-            path = directory / name
-            if not path.is_file():
-                raise ModelVersionError(f"model version {manifest['version']}: file {name} is missing")
-            actual = sha256_file(path)
-            if actual != expected:
-                raise ModelVersionError(
-                    f"model version {manifest['version']}: checksum of {name} is {actual[:12]}..., "
-                    f"the manifest expects {expected[:12]}...; the file was changed or damaged, retrain"
-                )
+        manifest = verify_version(directory)
         return cls(directory, manifest, providers)
 
     def class_index(self, category: str) -> int | None:

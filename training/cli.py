@@ -62,6 +62,8 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.add_argument("--report", action="store_true",
                         help="also write the HTML review report (report.html in the new version folder)")
+    parser.add_argument("--keep-versions", type=int, default=5, metavar="N",
+                        help="model versions to keep; older ones are deleted, never the current one (default: %(default)s)")
 
 
 def _add_report_arguments(parser: argparse.ArgumentParser) -> None:
@@ -106,6 +108,46 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser.add_argument("--noise", type=float, default=0.10, help="fraction of labels flipped (default: %(default)s)")
     demo_parser.add_argument("--seed", type=int, default=0, help="seed of the label flips (default: %(default)s)")
     demo_parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    versions_parser = commands.add_parser("versions", help="list the model versions with their metrics")
+    versions_parser.add_argument("--models-dir", default=DEFAULT_MODELS_DIR, metavar="DIR", help="folder of the model versions (default: %(default)s)")
+
+    rollback_parser = commands.add_parser("rollback", help="make an older model version current")
+    rollback_parser.add_argument("version", help="version name, as `versions` lists it (for example v0003)")
+    rollback_parser.add_argument("--models-dir", default=DEFAULT_MODELS_DIR, metavar="DIR", help="folder of the model versions (default: %(default)s)")
+
+    serve_parser = commands.add_parser(
+        "serve", help="run the webhook service that scores each submitted label (FastAPI under uvicorn)",
+        description="Receive Kili webhook calls, store them in a SQLite inbox, score them with the current "
+        "model version and write the results to Kili. The secret comes from the environment variable that "
+        "secret_env names in the configuration; the service does not start without it. docs/plugin.md "
+        "describes the configuration.",
+    )
+    serve_parser.add_argument("--config", default="plugin_config.json", metavar="PATH",
+                              help="plugin configuration file (default: %(default)s)")
+    serve_parser.add_argument("--host", help="interface to listen on (default: listen.host of the configuration)")
+    serve_parser.add_argument("--port", type=int, help="TCP port to listen on (default: listen.port of the configuration)")
+
+    deploy_parser = commands.add_parser(
+        "deploy", help="create or update the Kili webhook (or hosted plugin) and activate it on the project",
+        description="Create or update a Kili webhook that sends onSubmit and onReview events to --url with the "
+        "secret as its Authorization header, and activate it on the configured project. With --hosted, upload "
+        "plugin/ as a Kili-hosted plugin instead: Kili uploads only .py files, so the bundle embeds the "
+        "configuration and the current model version as Python modules, and hosted plugins are limited to "
+        "512 MB of memory and 60 s per run (Kili's documentation).",
+    )
+    deploy_parser.add_argument("--config", default="plugin_config.json", metavar="PATH",
+                               help="plugin configuration file (default: %(default)s)")
+    deploy_parser.add_argument("--plugin-name", default="kili-label-errors",
+                               help="name of the webhook or plugin in Kili (default: %(default)s)")
+    deploy_target = deploy_parser.add_mutually_exclusive_group(required=True)
+    deploy_target.add_argument("--url", help="public URL of the `serve` service's /webhook route, as Kili will call it")
+    deploy_target.add_argument("--hosted", action="store_true",
+                               help="upload a Kili-hosted plugin (512 MB, 60 s per run) instead of a webhook")
+    deploy_parser.add_argument("--bundle-dir", default="plugin-bundle", metavar="DIR",
+                               help="folder for the hosted plugin bundle, replaced on each run (default: %(default)s)")
+    deploy_parser.add_argument("--api-key", metavar="KEY", help="Kili API key (default: the variable api_key_env of the configuration names)")
+    deploy_parser.add_argument("--api-endpoint", metavar="URL", help="Kili GraphQL endpoint (default: api_endpoint of the configuration)")
     return parser
 
 
@@ -149,6 +191,7 @@ def run_train(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         epochs=args.epochs,
         batch_size=args.batch_size,
+        keep_versions=args.keep_versions,
     )
     result = train(source, config)
     print_summary(result, dry_run=args.dry_run)
@@ -199,6 +242,71 @@ def run_demo(args: argparse.Namespace) -> int:
     return demo(Path(args.output), noise=args.noise, seed=args.seed, progress=not args.no_progress)
 
 
+def run_versions(args: argparse.Namespace) -> int:
+    from .versions import describe_versions
+
+    versions = describe_versions(Path(args.models_dir))
+    if not versions:
+        print(f"no model versions in {args.models_dir}; run `kili-label-errors train` first")
+        return 0
+    print(f"{'':2}{'version':<10}{'created':<27}{'mode':<10}{'assets':>8}{'flagged':>9}{'CV accuracy':>13}")
+    for info in versions:
+        marker = "* " if info.current else "  "
+        print(f"{marker}{info.name:<10}{info.created_at:<27}{info.mode:<10}{info.assets:>8}{info.flagged:>9}{info.cv_accuracy:>13.2%}")
+    return 0
+
+
+def run_rollback(args: argparse.Namespace) -> int:
+    from plugin.model_version import ModelVersionError
+
+    from .versions import rollback
+
+    try:
+        rollback(Path(args.models_dir), args.version)
+    except ModelVersionError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"model version {args.version} is now current in {args.models_dir}")
+    return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from plugin.config import load_config
+    from plugin.service import build_service, create_app
+
+    config = load_config(args.config)
+    secret = config.secret()
+    service = build_service(config, secret=secret)
+    host = args.host or config.host
+    port = config.port if args.port is None else args.port
+    logger.info("Serving the webhook of project %s on http://%s:%d/webhook", config.project_id, host, port)
+    uvicorn.run(create_app(service), host=host, port=port, log_config=None, access_log=False)
+    return 0
+
+
+def run_deploy(args: argparse.Namespace) -> int:
+    from plugin.config import load_config
+    from plugin.deploy import deploy_hosted, deploy_webhook
+
+    from .sources.kili_gateway import KiliGateway
+
+    from plugin.model_version import ModelVersionError
+
+    config = load_config(args.config)
+    gateway = KiliGateway(api_key=args.api_key or config.api_key(), api_endpoint=args.api_endpoint or config.api_endpoint)
+    if args.hosted:
+        try:
+            print(deploy_hosted(gateway, config, args.plugin_name, args.bundle_dir))
+        except ModelVersionError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+    else:
+        print(deploy_webhook(gateway, config, args.url, args.plugin_name, config.secret()))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -209,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     from .sources.base import SourceError
 
-    handlers = {"train": run_train, "report": run_report, "clear": run_clear, "demo": run_demo}
+    handlers = {"train": run_train, "report": run_report, "clear": run_clear, "demo": run_demo,
+                "serve": run_serve, "deploy": run_deploy, "versions": run_versions, "rollback": run_rollback}
     try:
         return handlers[args.command](args)
     except (SourceError, ValueError, FileNotFoundError) as error:

@@ -27,7 +27,7 @@ from .heads import HEAD_C, SCREEN_C, as_torch_module
 from .images import ImageCache, load_images
 from .onnx_export import export_onnx
 from .sources.base import AssetResult, ProjectSource, SourceError, WriteSummary
-from .versions import VersionWriter, remove_stale_temporaries
+from .versions import VersionWriter, prune_versions, remove_stale_temporaries
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +61,7 @@ class TrainConfig:
     progress: bool = True
     epochs: int = 10  # finetune mode only
     batch_size: int = 32  # finetune mode only
+    keep_versions: int = 5
 
     @property
     def cache_root(self) -> Path:
@@ -234,6 +235,7 @@ def train(source: ProjectSource, config: TrainConfig) -> TrainResult:
     except BaseException:
         writer.abort()
         raise
+    prune_versions(models_dir, config.keep_versions)
 
     result = TrainResult(
         version_dir=version_dir,

@@ -32,7 +32,18 @@ requests to ``target`` (a GraphQL root field such as ``"assets"``, or
 ``graphql_error_next(field, message, code=..., times=1)`` returns a
 GraphQL error instead; ``declined`` and ``failed`` are sets of asset ids that
 the asset actions (``setAssetsPriority``, ``addAssetsToReview``) report as
-declined or failed.
+declined or failed; ``delay(target, seconds)`` holds every later request to
+``target`` for that long before resolving it (0 removes the delay).
+
+Plugins and webhooks: ``createWebhook``, ``updateWebhook``, ``listPlugins``,
+``activatePluginOnProject`` and the hosted-plugin upload (``createPlugin`` or
+``generateUpdateUrl`` returning an upload URL on this server, ``PUT`` of the
+zip, ``createPluginRunner`` / ``updatePluginRunner``,
+``getPluginRunnerStatus`` answering ``ACTIVE`` once a zip arrived).
+``plugins`` maps each name to a dict with ``kind`` ("webhook" or "hosted"),
+``webhookUrl``, ``header``, ``handlerTypes``, ``projectIds`` and, for a hosted
+plugin, the uploaded ``archive`` bytes. A second activation on the same
+project returns Kili's "already exists" error.
 
 Routes: ``POST /api/label/v2/graphql`` (GraphQL, also the raw ``viewer`` key
 check) and ``GET``/``HEAD /api/label/v2/files?id=<file id>`` (image bytes).
@@ -48,6 +59,7 @@ import itertools
 import json
 import sys
 import threading
+import time
 import traceback
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -180,6 +192,8 @@ class FakeKili:
         self.failed: set[str] = set()
         self._failures: dict[str, list[int]] = {}
         self._graphql_errors: dict[str, list[tuple[str, str]]] = {}
+        self._delays: dict[str, float] = {}
+        self.plugins: dict[str, dict] = {}
         self._ids = itertools.count(1)
         self._clock = datetime(2026, 1, 1, tzinfo=timezone.utc)
         self._lock = threading.Lock()
@@ -272,6 +286,15 @@ class FakeKili:
     def graphql_error_next(self, target: str, message: str, code: str = "OPERATION_RESOLUTION_FAILURE", times: int = 1) -> None:
         with self._lock:
             self._graphql_errors.setdefault(target, []).extend([(message, code)] * times)
+
+    def delay(self, target: str, seconds: float) -> None:
+        """Hold every later request to ``target`` (a GraphQL root field) ``seconds`` before answering it."""
+        with self._lock:
+            self._delays[target] = seconds
+
+    def _delay_of(self, target: str) -> float:
+        with self._lock:
+            return self._delays.get(target, 0.0)
 
     def _take_failure(self, target: str) -> int | None:
         with self._lock:
@@ -367,6 +390,9 @@ class FakeKili:
             if properties is not None:
                 project.metadata_properties = dict(properties)
             return project.to_graphql()
+        if name in ("createWebhook", "updateWebhook", "createPlugin", "generateUpdateUrl", "createPluginRunner",
+                    "updatePluginRunner", "getPluginRunnerStatus", "listPlugins", "activatePluginOnProject"):
+            return self._resolve_plugin(name, args)
         if name in ("labels", "countLabels"):
             labels = []
             for asset in self._project_assets(where.get("asset") or {"project": where.get("project") or {}}):
@@ -375,6 +401,42 @@ class FakeKili:
                         labels.append({**label.to_graphql(), "assetId": asset.id})
             return len(labels) if name == "countLabels" else page(labels)
         raise GraphQLFailure(f'Cannot query field "{name}": the fake Kili server does not implement it', "GRAPHQL_VALIDATION_FAILED")
+
+    def _resolve_plugin(self, name: str, args: dict) -> Any:
+        data = args.get("data") or {}
+        if name in ("createWebhook", "createPlugin"):
+            plugin_name = data["pluginName"]
+            if plugin_name in self.plugins:
+                raise GraphQLFailure(f"an entity Plugin already exists with value {plugin_name}", "ALREADY_EXISTS")
+            self.plugins[plugin_name] = {"name": plugin_name, "projectIds": [], "handlerTypes": None}
+        if name in ("createWebhook", "updateWebhook"):
+            plugin = self._plugin(data["pluginName"])
+            plugin.update(kind="webhook", webhookUrl=data["webhookUrl"], header=data.get("header"),
+                          handlerTypes=data.get("handlerTypes"))
+            return "OK"
+        if name in ("createPlugin", "generateUpdateUrl"):
+            plugin = self._plugin(data["pluginName"])
+            plugin["kind"] = "hosted"
+            return f"{self.base_url}{API_PATH}/uploads?plugin={plugin['name']}&id=upload-{next(self._ids)}"
+        if name in ("createPluginRunner", "updatePluginRunner"):
+            self._plugin(data["pluginName"])["handlerTypes"] = data.get("handlerTypes")
+            return "OK"
+        if name == "getPluginRunnerStatus":
+            return "ACTIVE" if self._plugin(args["name"]).get("archive") else "FAILED"
+        if name == "listPlugins":
+            return [{"id": plugin_name, "createdAt": "2026-01-01T00:00:00.000Z", "updatedAt": "2026-01-01T00:00:00.000Z",
+                     **plugin} for plugin_name, plugin in self.plugins.items()]
+        where = args.get("where") or {}
+        plugin = self._plugin(where["pluginName"])
+        if where["projectId"] in plugin["projectIds"]:
+            raise GraphQLFailure(f"an entity Project already exists with value {where['projectId']}", "ALREADY_EXISTS")
+        plugin["projectIds"].append(where["projectId"])
+        return "OK"
+
+    def _plugin(self, plugin_name: str) -> dict:
+        if plugin_name not in self.plugins:
+            raise GraphQLFailure(f"plugin {plugin_name} not found", "NOT_FOUND")
+        return self.plugins[plugin_name]
 
     def _update_assets(self, where_array: list[dict], data_array: list[dict]) -> list[dict]:
         updated = []
@@ -454,6 +516,19 @@ class _Handler(BaseHTTPRequestHandler):
         data, content_type = state.files[file_id]
         self._send(200, data, content_type, head)
 
+    def do_PUT(self) -> None:  # noqa: N802
+        """Receive a hosted plugin's zip at its upload URL (no API key, as with a signed bucket URL)."""
+        state = self.server_state
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        url = urlparse(self.path)
+        plugin_name = (parse_qs(url.query).get("plugin") or [""])[0]
+        if url.path != f"{API_PATH}/uploads" or plugin_name not in state.plugins:
+            self._send(404, b"unknown upload URL", "text/plain")
+            return
+        with state._lock:
+            state.plugins[plugin_name]["archive"] = body
+        self._send(200, b"", "text/plain")
+
     # GraphQL -----------------------------------------------------------------
 
     def do_POST(self) -> None:  # noqa: N802
@@ -482,6 +557,9 @@ class _Handler(BaseHTTPRequestHandler):
         with state._lock:
             state.requests.append((name, args))
             state.queries.append((name, request.get("query", "")))
+        delay = state._delay_of(name)
+        if delay:
+            time.sleep(delay)
         status = state._take_failure(name)
         if status is not None:
             self._send(status, b"injected failure", "text/plain")
