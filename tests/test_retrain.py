@@ -1,0 +1,154 @@
+"""Retraining: the trigger policy, the single-run lock and failed runs."""
+
+import sys
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from plugin.model_version import CURRENT
+from training.retrain import RetrainAlreadyRunning, RetrainLock, RetrainPolicy, read_status, run_retrain
+
+NOW = datetime(2026, 12, 4, 12, 0, tzinfo=timezone.utc)
+
+
+@pytest.mark.parametrize(
+    "policy,new_labels,age_hours,expected",
+    [
+        (RetrainPolicy(after_labels=100), 99, 1, None),
+        (RetrainPolicy(after_labels=100), 100, 1, "100 new labels"),
+        (RetrainPolicy(after_hours=24), 1, 23.9, None),
+        (RetrainPolicy(after_hours=24), 1, 24, "1 new labels and the version is 24.0 h old"),
+        (RetrainPolicy(after_hours=24), 0, 100, None),
+        (RetrainPolicy(after_labels=100, after_hours=24), 5, 30, "5 new labels and the version"),
+        (RetrainPolicy(), 10_000, 10_000, None),
+    ],
+)
+def test_policy_due_by_count_and_time(policy, new_labels, age_hours, expected):
+    reason = policy.due(new_labels, NOW - timedelta(hours=age_hours), NOW)
+
+    if expected is None:
+        assert reason is None
+    else:
+        assert reason.startswith(expected)
+
+
+@pytest.mark.parametrize(
+    "data,message",
+    [
+        ({"after_labels": 0}, "retrain.after_labels is 0; expected a positive integer"),
+        ({"after_hours": "daily"}, "retrain.after_hours is 'daily'; expected a positive number"),
+        ({"command": "train.sh"}, "retrain.command is 'train.sh'; expected a list of strings"),
+        ({"every": 3}, "unknown keys \\['every'\\]"),
+    ],
+)
+def test_policy_rejects_invalid_values(data, message):
+    with pytest.raises(ValueError, match=message):
+        RetrainPolicy.from_dict(data)
+
+
+def test_lock_allows_one_retrain(tmp_path):
+    with RetrainLock(tmp_path):
+        with pytest.raises(RetrainAlreadyRunning, match="already running \\(started 20"):
+            RetrainLock(tmp_path).acquire()
+
+    with RetrainLock(tmp_path):
+        pass
+
+
+def test_second_request_while_running_is_rejected(tmp_path):
+    policy = RetrainPolicy(command=[sys.executable, "-c", "import time; time.sleep(3)"], wait_for_version_seconds=0.5)
+    started = threading.Event()
+    worker = threading.Thread(target=run_retrain, args=(tmp_path, policy), kwargs={"on_start": lambda status: started.set(), "poll_seconds": 0.1})
+    worker.start()
+    assert started.wait(10)
+
+    with pytest.raises(RetrainAlreadyRunning) as raised:
+        run_retrain(tmp_path, policy)
+
+    worker.join(20)
+    assert raised.value.started_at.startswith("20")
+    assert read_status(tmp_path).state == "failed"  # no new version appeared
+
+
+def test_failed_retrain_keeps_current_version(tmp_path):
+    (tmp_path / CURRENT).write_text("v0001\n")
+    policy = RetrainPolicy(command=[sys.executable, "-c", "import sys; print('out of memory'); sys.exit(3)"])
+
+    status = run_retrain(tmp_path, policy, reason="test")
+
+    assert status.state == "failed"
+    assert status.exit_code == 3
+    assert "out of memory" in status.error
+    assert (tmp_path / CURRENT).read_text().strip() == "v0001"
+    assert read_status(tmp_path).state == "failed"
+
+
+def test_killed_retrain_keeps_current_version(tmp_path):
+    (tmp_path / CURRENT).write_text("v0001\n")
+    policy = RetrainPolicy(command=[sys.executable, "-c", "import time; time.sleep(60)"])
+
+    def kill(status):
+        import os
+        import signal
+
+        time.sleep(0.2)
+        os.kill(status.pid, signal.SIGKILL)
+
+    status = run_retrain(tmp_path, policy, on_start=kill)
+
+    assert status.state == "failed"
+    assert status.exit_code == -9
+    assert (tmp_path / CURRENT).read_text().strip() == "v0001"
+
+
+def test_external_command_waits_for_new_version(tmp_path):
+    (tmp_path / CURRENT).write_text("v0001\n")
+    script = f"import pathlib; pathlib.Path({str(tmp_path / CURRENT)!r}).write_text('v0002\\n')"
+    policy = RetrainPolicy(command=[sys.executable, "-c", script], wait_for_version_seconds=5)
+
+    status = run_retrain(tmp_path, policy, poll_seconds=0.05)
+
+    assert status.state == "succeeded"
+    assert status.version_before == "v0001"
+    assert status.version_after == "v0002"
+
+
+def test_trainer_killed_midway_keeps_serving_version(tmp_path):
+    import os
+    import signal
+
+    from plugin.model_version import ModelVersion, current_version_dir
+    from projects import write_digits_project
+    from training.pipeline import TrainConfig, train
+    from training.sources.local import LocalProject
+
+    write_digits_project(tmp_path / "data", per_class=30, classes=(0, 1, 2), flip_fraction=0.1)
+    models = tmp_path / "models"
+    cache = tmp_path / "cache"
+    train(LocalProject(tmp_path / "data"), TrainConfig(models_dir=models, cache_dir=cache, folds=3, progress=False))
+    # A changed label forces a new version, so the retrain gets as far as writing one.
+    moved = sorted((tmp_path / "data" / "0").iterdir())[0]
+    moved.rename(tmp_path / "data" / "1" / moved.name)
+    policy = RetrainPolicy(train_arguments=["--data", str(tmp_path / "data"), "--folds", "3", "--cache-dir", str(cache)])
+    seen_temporary = []
+
+    def kill_when_writing(status):
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if any(path.name.startswith(".tmp-") for path in (models / "versions").iterdir()):
+                seen_temporary.append(True)
+                break
+            time.sleep(0.05)
+        os.kill(status.pid, signal.SIGKILL)
+
+    status = run_retrain(models, policy, on_start=kill_when_writing)
+
+    assert seen_temporary
+    assert status.state == "failed"
+    assert (models / CURRENT).read_text().strip() == "v0001"
+    assert ModelVersion.load(current_version_dir(models)).name == "v0001"
+    result = train(LocalProject(tmp_path / "data"), TrainConfig(models_dir=models, cache_dir=cache, folds=3, progress=False))
+    assert result.version_dir.name == "v0002"
+    assert not [path for path in (models / "versions").iterdir() if path.name.startswith(".tmp-")]

@@ -1,0 +1,241 @@
+"""Periodic full retraining: when it is due, one run at a time, in its own process.
+
+The policy retrains after N new labels since the version in use, or after T
+hours when at least one label is new, whichever comes first. A retrain runs
+as a child process (the local trainer, or a command the policy names for a
+GPU node or a batch cluster) so the scoring service stays responsive. A file
+lock in the models folder allows one retrain per project at a time, and the
+last run's status is kept in ``retrain_status.json`` beside it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from plugin.model_version import CURRENT
+
+logger = logging.getLogger(__name__)
+
+LOCK_FILE = "retrain.lock"
+STATUS_FILE = "retrain_status.json"
+LOG_FILE = "retrain.log"
+
+
+class RetrainAlreadyRunning(RuntimeError):
+    """Another retrain of the same models folder is running."""
+
+    def __init__(self, started_at: str, pid: int | None):
+        super().__init__(f"a retrain is already running (started {started_at}, pid {pid})")
+        self.started_at = started_at
+        self.pid = pid
+
+
+@dataclass(frozen=True)
+class RetrainPolicy:
+    """When to retrain; both triggers are optional."""
+
+    after_labels: int | None = None
+    after_hours: float | None = None
+    command: list[str] | None = None  # run instead of the local trainer
+    wait_for_version_seconds: float = 6 * 3600.0  # how long to wait for an external command's version
+    train_arguments: list[str] = field(default_factory=list)  # extra `train` options for the local trainer
+
+    @classmethod
+    def from_dict(cls, data: dict | None, *, key: str = "retrain") -> "RetrainPolicy":
+        """Build a policy from the configuration; errors name the key and the expected value."""
+        data = dict(data or {})
+        unknown = set(data) - {"after_labels", "after_hours", "command", "wait_for_version_seconds", "train_arguments"}
+        if unknown:
+            raise ValueError(f"{key}: unknown keys {sorted(unknown)}; expected after_labels, after_hours, command, wait_for_version_seconds, train_arguments")
+        after_labels = data.get("after_labels")
+        if after_labels is not None and (not isinstance(after_labels, int) or isinstance(after_labels, bool) or after_labels < 1):
+            raise ValueError(f"{key}.after_labels is {after_labels!r}; expected a positive integer or null")
+        after_hours = data.get("after_hours")
+        if after_hours is not None and (not isinstance(after_hours, (int, float)) or isinstance(after_hours, bool) or after_hours <= 0):
+            raise ValueError(f"{key}.after_hours is {after_hours!r}; expected a positive number of hours or null")
+        command = data.get("command")
+        if command is not None and (not isinstance(command, list) or not command or not all(isinstance(part, str) for part in command)):
+            raise ValueError(f"{key}.command is {command!r}; expected a list of strings such as [\"ssh\", \"gpu-node\", \"./train.sh\"] or null")
+        arguments = data.get("train_arguments", [])
+        if not isinstance(arguments, list) or not all(isinstance(part, str) for part in arguments):
+            raise ValueError(f"{key}.train_arguments is {arguments!r}; expected a list of strings such as [\"--folds\", \"4\"]")
+        wait = data.get("wait_for_version_seconds", 6 * 3600.0)
+        if not isinstance(wait, (int, float)) or wait <= 0:
+            raise ValueError(f"{key}.wait_for_version_seconds is {wait!r}; expected a positive number of seconds")
+        return cls(after_labels, float(after_hours) if after_hours is not None else None, command, float(wait), arguments)
+
+    def due(self, new_labels: int, version_created_at: datetime | None, now: datetime) -> str | None:
+        """Return why a retrain is due now, or None when it is not."""
+        if new_labels < 1:
+            return None
+        if self.after_labels is not None and new_labels >= self.after_labels:
+            return f"{new_labels} new labels (threshold {self.after_labels})"
+        if self.after_hours is not None:
+            if version_created_at is None:
+                return "no model version yet"
+            age = now - version_created_at
+            if age >= timedelta(hours=self.after_hours):
+                return f"{new_labels} new labels and the version is {age.total_seconds() / 3600:.1f} h old (threshold {self.after_hours} h)"
+        return None
+
+
+@dataclass
+class RetrainStatus:
+    """The last retrain's state, as ``GET /health`` and ``retrain`` report it."""
+
+    state: str = "idle"  # idle, running, succeeded, failed
+    started_at: str | None = None
+    finished_at: str | None = None
+    exit_code: int | None = None
+    reason: str | None = None
+    version_before: str | None = None
+    version_after: str | None = None
+    error: str | None = None
+    log: str | None = None
+    pid: int | None = None
+
+
+def read_status(models_dir: Path) -> RetrainStatus:
+    path = Path(models_dir) / STATUS_FILE
+    if not path.is_file():
+        return RetrainStatus()
+    try:
+        return RetrainStatus(**json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, json.JSONDecodeError, TypeError) as error:
+        logger.warning("Ignoring an unreadable retrain status at %s (%s)", path, error)
+        return RetrainStatus()
+
+
+def _write_status(models_dir: Path, status: RetrainStatus) -> None:
+    path = Path(models_dir) / STATUS_FILE
+    temporary = path.with_suffix(f".{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(asdict(status), indent=1), encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def _current_name(models_dir: Path) -> str | None:
+    pointer = Path(models_dir) / CURRENT
+    return pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else None
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class RetrainLock:
+    """An exclusive, non-blocking lock on a models folder, released by the OS if the holder dies."""
+
+    def __init__(self, models_dir: Path):
+        self.path = Path(models_dir) / LOCK_FILE
+        self.handle = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            try:
+                holder = json.loads(handle.read() or "{}")
+            except json.JSONDecodeError:
+                holder = {}
+            handle.close()
+            raise RetrainAlreadyRunning(holder.get("started_at", "unknown"), holder.get("pid")) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(json.dumps({"pid": os.getpid(), "started_at": _now()}))
+        handle.flush()
+        self.handle = handle
+
+    def release(self) -> None:
+        if self.handle is not None:
+            fcntl.flock(self.handle, fcntl.LOCK_UN)
+            self.handle.close()
+            self.handle = None
+
+    def __enter__(self) -> "RetrainLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
+
+
+def local_train_command(train_arguments: Sequence[str], models_dir: Path) -> list[str]:
+    """Return the command that runs this package's trainer in a child process."""
+    return [sys.executable, "-m", "training.cli", "train", "--output", str(models_dir), "--no-progress", *train_arguments]
+
+
+def run_retrain(
+    models_dir: Path,
+    policy: RetrainPolicy,
+    *,
+    reason: str = "requested",
+    on_start: Callable[[RetrainStatus], None] | None = None,
+    poll_seconds: float = 2.0,
+) -> RetrainStatus:
+    """Run one retrain to completion under the lock and record its status.
+
+    Raises ``RetrainAlreadyRunning`` when another retrain holds the lock. A
+    failed or interrupted run leaves the current version in place: the
+    trainer only switches ``CURRENT`` after a complete version is written.
+    """
+    models_dir = Path(models_dir)
+    with RetrainLock(models_dir):
+        before = _current_name(models_dir)
+        external = policy.command is not None
+        command = list(policy.command) if external else local_train_command(policy.train_arguments, models_dir)
+        log_path = models_dir / LOG_FILE
+        status = RetrainStatus(state="running", started_at=_now(), reason=reason, version_before=before, log=str(log_path))
+        with open(log_path, "w", encoding="utf-8") as log:
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=os.getcwd())
+            status.pid = process.pid
+            _write_status(models_dir, status)
+            logger.info("Retrain started (pid %d, reason: %s), log in %s", process.pid, reason, log_path)
+            if on_start is not None:
+                on_start(status)
+            exit_code = process.wait()
+
+        status.exit_code = exit_code
+        if external and exit_code == 0:
+            exit_code = _wait_for_new_version(models_dir, before, policy.wait_for_version_seconds, poll_seconds)
+        status.finished_at = _now()
+        status.version_after = _current_name(models_dir)
+        if exit_code == 0:
+            status.state = "succeeded"
+        else:
+            status.state = "failed"
+            status.error = _failure_reason(status, log_path, external)
+            logger.error("Retrain failed: %s; version %s stays in use", status.error, before)
+        _write_status(models_dir, status)
+        logger.info("Retrain finished: %s (version %s -> %s)", status.state, before, status.version_after)
+        return status
+
+
+def _wait_for_new_version(models_dir: Path, before: str | None, timeout: float, poll_seconds: float) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _current_name(models_dir) != before:
+            return 0
+        time.sleep(poll_seconds)
+    return 124
+
+
+def _failure_reason(status: RetrainStatus, log_path: Path, external: bool) -> str:
+    if status.exit_code not in (0, None):
+        tail = log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-1:] if log_path.is_file() else []
+        return f"exit code {status.exit_code}" + (f": {tail[0]}" if tail else "")
+    if external:
+        return "the command finished but no new model version appeared in time"
+    return "unknown failure"
