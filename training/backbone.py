@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from plugin.model_version import sha256_file
 from plugin.preprocess import Preprocessing
 
 logger = logging.getLogger(__name__)
@@ -202,14 +203,6 @@ def rename_lukemelas_keys(state: dict, model) -> dict:
             head, _, leaf = name.partition(".")
             renamed[f"{_TOP_LEVEL.get(head, head)}.{leaf}"] = value
     return renamed
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _digest_state_dict(state: dict) -> str:

@@ -96,8 +96,65 @@ def resolve_mode(mode: str) -> str:
     return LINEAR
 
 
+@dataclass
+class _Run:
+    """Everything one training run has gathered, passed between its steps."""
+
+    source: ProjectSource
+    config: TrainConfig
+    mode: str
+    started: float
+    classes: list[str]
+    spec: object
+    model: object
+    backbone_path: Path
+    image_cache: ImageCache
+    extracted: FeatureResult
+    assets: list
+    sha256s: list[str]
+    features: np.ndarray
+    labels: np.ndarray
+    folds: np.ndarray
+    rare: set[str]
+    settings: dict
+    fingerprint: str = ""
+
+    @property
+    def models_dir(self) -> Path:
+        return Path(self.config.models_dir)
+
+
 def train(source: ProjectSource, config: TrainConfig) -> TrainResult:
     """Run cross-validated label-error detection on a project and export a version."""
+    run = _prepare(source, config)
+
+    unchanged = _unchanged_version(run.models_dir, run.fingerprint)
+    if unchanged is not None:
+        logger.info("Nothing changed since model version %s: reusing it, nothing is trained", unchanged.name)
+        with np.load(unchanged / OOF_FILE) as stored:
+            order = {asset_id: row for row, asset_id in enumerate(stored["asset_ids"])}
+            pred_probs = stored["pred_probs"][[order[asset.asset_id] for asset in run.assets]]
+        detection = _detect(run, pred_probs)
+        summary = _summary(run, detection)
+        summary["reused_version"] = unchanged.name
+        return _finish(run, unchanged, _issue_rows(run, detection), summary)
+
+    writer = VersionWriter(run.models_dir)
+    try:
+        pred_probs, graph, details = _train_folds(run, writer)
+        detection = _detect(run, pred_probs)
+        rows = _issue_rows(run, detection)
+        summary = _summary(run, detection)
+        version_dir = _commit_version(run, writer, pred_probs, graph, details, detection, rows, summary)
+    except BaseException:
+        writer.abort()
+        raise
+    prune_versions(run.models_dir, config.keep_versions)
+    return _finish(run, version_dir, rows, summary)
+
+
+def _prepare(source: ProjectSource, config: TrainConfig) -> _Run:
+    """Read the project, load the backbone, extract features and split the folds."""
     started = time.monotonic()
     mode = resolve_mode(config.mode)
     models_dir = Path(config.models_dir)
@@ -116,7 +173,6 @@ def train(source: ProjectSource, config: TrainConfig) -> TrainResult:
     backbone_key = f"{spec.model_name}|{spec.weights_sha256}|{spec.preprocessing.cache_key()}"
     backbone_path = _cached_backbone_onnx(model, spec, config.cache_root)
     image_cache = ImageCache(config.cache_root / "images", spec.preprocessing)
-
     if mode == LINEAR:
         backbone = OnnxModel(backbone_path, providers=config.providers)
         store = FeatureStore(config.cache_root / "features.sqlite", backbone_key)
@@ -129,6 +185,7 @@ def train(source: ProjectSource, config: TrainConfig) -> TrainResult:
     if not extracted.assets:
         raise SourceError(f"none of the {len(assets)} images of {source.name} could be read")
 
+    # Classes with fewer images than folds are an error, or left out on request.
     kept_assets, features, sha256s = extracted.assets, extracted.features, extracted.sha256s
     rare = check_class_counts(
         [asset.label for asset in kept_assets], classes, config.folds, drop_rare=config.drop_rare_classes
@@ -147,118 +204,115 @@ def train(source: ProjectSource, config: TrainConfig) -> TrainResult:
         )
 
     labels = np.array([classes.index(asset.label) for asset in kept_assets], dtype=np.int64)
-    folds = assign_folds(labels, config.folds, config.seed)
-    settings = {"backbone": backbone_key, "seed": config.seed, "mode": mode, "screen_c": SCREEN_C}
-    fingerprint = _run_fingerprint(kept_assets, sha256s, classes, config, mode, backbone_key)
+    run = _Run(
+        source=source, config=config, mode=mode, started=started, classes=classes, spec=spec, model=model,
+        backbone_path=backbone_path, image_cache=image_cache, extracted=extracted, assets=kept_assets,
+        sha256s=sha256s, features=features, labels=labels, folds=assign_folds(labels, config.folds, config.seed),
+        rare=rare, settings={"backbone": backbone_key, "seed": config.seed, "mode": mode, "screen_c": SCREEN_C},
+    )
+    run.fingerprint = _run_fingerprint(run, backbone_key)
+    return run
 
-    unchanged = _unchanged_version(models_dir, fingerprint)
-    if unchanged is not None:
-        return _reuse_version(unchanged, source, kept_assets, labels, classes, extracted, rare, mode, started, config, features, sha256s, settings)
 
-    writer = VersionWriter(models_dir)
-    try:
-        if mode == LINEAR:
-            fold_heads = train_fold_heads(
-                features, labels, sha256s, folds, len(classes),
-                cache=HeadCache(config.cache_root / "heads"), settings=settings, progress=config.progress,
-            )
-            fold_files = _export_heads(writer, fold_heads.heads, features.shape[1])
-            shutil.copyfile(backbone_path, writer.path("backbone.onnx"))
-            pred_probs = _onnx_out_of_fold(writer, fold_files, features, folds, config.providers)
-            graph = {"backbone": "backbone.onnx", "folds": fold_files, "fold_input": "features"}
-            training_details = {"screen_c": SCREEN_C, "head_c": HEAD_C,
-                                "screened_out": int(fold_heads.screened_out.sum()),
-                                "heads_trained": fold_heads.trained}
-        else:
-            from .finetune import finetune_folds
-
-            outcome = finetune_folds(
-                source, kept_assets, labels, folds, classes, spec, image_cache, writer, config,
-                sha256s=sha256s, backbone_state=model.state_dict(),
-            )
-            pred_probs = outcome.pred_probs
-            fold_files = outcome.fold_files
-            graph = {"backbone": None, "folds": fold_files, "fold_input": "image"}
-            training_details = outcome.details
-
-        detection = detect_label_issues(
-            labels, pred_probs, filter_by=config.filter_by, score_method=config.score_method
+def _train_folds(run: _Run, writer: VersionWriter) -> tuple[np.ndarray, dict, dict]:
+    """Train and export one model per fold; return out-of-fold probabilities, graph and details."""
+    config = run.config
+    if run.mode == LINEAR:
+        fold_heads = train_fold_heads(
+            run.features, run.labels, run.sha256s, run.folds, len(run.classes),
+            cache=HeadCache(config.cache_root / "heads"), settings=run.settings, progress=config.progress,
         )
-        rows = _issue_rows(kept_assets, labels, detection, classes)
-        issues_path = writer.path(ISSUES_CSV)
-        _write_issues_csv(issues_path, rows)
-        np.savez_compressed(
-            writer.path(OOF_FILE),
-            asset_ids=np.array([asset.asset_id for asset in kept_assets]),
-            labels=labels,
-            pred_probs=pred_probs,
-            folds=folds,
-        )
-
-        summary = _summary(source, kept_assets, classes, detection, extracted, rare, mode, started)
-        if config.evaluate_cleaning and mode == LINEAR:
-            summary["cleaning"] = evaluate_cleaning(
-                features, labels, sha256s, detection.is_issue, len(classes), config, settings
-            )
-        elif config.evaluate_cleaning:
-            summary["cleaning"] = _evaluate_cleaning_finetuned(
-                source, kept_assets, labels, classes, spec, image_cache, config, sha256s,
-                model.state_dict(), detection.is_issue,
-            )
-        manifest = {
-            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "source": source.name,
-            "mode": mode,
-            "classes": classes,
-            "class_display_names": source.class_display_names(),
-            "backbone": {
-                "model_name": spec.model_name,
-                "weights": spec.weights,
-                "weights_sha256": spec.weights_sha256,
-                "num_features": spec.num_features,
-            },
-            "preprocessing": spec.preprocessing.to_dict(),
-            "graph": graph,
-            "decision": {**detection.tables.to_dict(), "score_method": config.score_method},
-            "training": {"folds": config.folds, "seed": config.seed, **training_details},
-            "training_assets": {
-                asset.asset_id: {"fold": int(fold), "sha256": sha}
-                for asset, fold, sha in zip(kept_assets, folds, sha256s)
-            },
-            "metrics": summary,
-            "fingerprint": fingerprint,
+        fold_files = _export_heads(writer, fold_heads.heads, run.features.shape[1])
+        shutil.copyfile(run.backbone_path, writer.path("backbone.onnx"))
+        pred_probs = _onnx_out_of_fold(writer, fold_files, run.features, run.folds, config.providers)
+        graph = {"backbone": "backbone.onnx", "folds": fold_files, "fold_input": "features"}
+        details = {
+            "screen_c": SCREEN_C, "head_c": HEAD_C,
+            "screened_out": int(fold_heads.screened_out.sum()), "heads_trained": fold_heads.trained,
         }
-        checksummed = [*fold_files, OOF_FILE, ISSUES_CSV]
-        if graph["backbone"]:
-            checksummed.append(graph["backbone"])
-        version_dir = writer.commit(manifest, checksummed=checksummed)
-    except BaseException:
-        writer.abort()
-        raise
-    prune_versions(models_dir, config.keep_versions)
+        return pred_probs, graph, details
 
+    from .finetune import finetune_folds
+
+    outcome = finetune_folds(
+        run.source, run.assets, run.labels, run.folds, run.classes, run.spec, run.image_cache, writer, config,
+        sha256s=run.sha256s, backbone_state=run.model.state_dict(),
+    )
+    graph = {"backbone": None, "folds": outcome.fold_files, "fold_input": "image"}
+    return outcome.pred_probs, graph, outcome.details
+
+
+def _detect(run: _Run, pred_probs: np.ndarray) -> Detection:
+    return detect_label_issues(
+        run.labels, pred_probs, filter_by=run.config.filter_by, score_method=run.config.score_method
+    )
+
+
+def _commit_version(run: _Run, writer: VersionWriter, pred_probs, graph, details, detection, rows, summary) -> Path:
+    """Write the version's files and manifest, then publish it."""
+    _write_issues_csv(writer.path(ISSUES_CSV), rows)
+    np.savez_compressed(
+        writer.path(OOF_FILE),
+        asset_ids=np.array([asset.asset_id for asset in run.assets]),
+        labels=run.labels,
+        pred_probs=pred_probs,
+        folds=run.folds,
+    )
+    spec = run.spec
+    manifest = {
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "source": run.source.name,
+        "mode": run.mode,
+        "classes": run.classes,
+        "class_display_names": run.source.class_display_names(),
+        "backbone": {
+            "model_name": spec.model_name,
+            "weights": spec.weights,
+            "weights_sha256": spec.weights_sha256,
+            "num_features": spec.num_features,
+        },
+        "preprocessing": spec.preprocessing.to_dict(),
+        "graph": graph,
+        "decision": {**detection.tables.to_dict(), "score_method": run.config.score_method},
+        "training": {"folds": run.config.folds, "seed": run.config.seed, **details},
+        "training_assets": {
+            asset.asset_id: {"fold": int(fold), "sha256": sha}
+            for asset, fold, sha in zip(run.assets, run.folds, run.sha256s)
+        },
+        "metrics": summary,
+        "fingerprint": run.fingerprint,
+    }
+    checksummed = [*graph["folds"], OOF_FILE, ISSUES_CSV]
+    if graph["backbone"]:
+        checksummed.append(graph["backbone"])
+    return writer.commit(manifest, checksummed=checksummed)
+
+
+def _finish(run: _Run, version_dir: Path, rows: list[dict], summary: dict) -> TrainResult:
+    """Build the result and write the verdicts to the project."""
     result = TrainResult(
         version_dir=version_dir,
         issues_csv=version_dir / ISSUES_CSV,
         summary=summary,
         rows=rows,
-        skipped=dict(source.read_summary.skipped),
+        skipped=dict(run.source.read_summary.skipped),
     )
-    if config.write_results:
-        result.write_summary = write_verdicts(source, rows, version_dir.name, config)
+    if run.config.write_results:
+        result.write_summary = write_verdicts(run.source, result.rows, version_dir.name, run.config)
     return result
 
 
-def _run_fingerprint(assets, sha256s, classes, config: TrainConfig, mode: str, backbone_key: str) -> str:
+def _run_fingerprint(run: _Run, backbone_key: str) -> str:
     """Hash everything a version depends on: the labeled images and the settings."""
+    config = run.config
     digest = hashlib.sha256()
     settings = {
-        "backbone": backbone_key, "mode": mode, "classes": classes, "folds": config.folds, "seed": config.seed,
-        "filter_by": config.filter_by, "score_method": config.score_method,
+        "backbone": backbone_key, "mode": run.mode, "classes": run.classes, "folds": config.folds,
+        "seed": config.seed, "filter_by": config.filter_by, "score_method": config.score_method,
         "screen_c": SCREEN_C, "head_c": HEAD_C, "epochs": config.epochs, "batch_size": config.batch_size,
     }
     digest.update(json.dumps(settings, sort_keys=True).encode())
-    for asset, sha in sorted(zip(assets, sha256s), key=lambda pair: pair[0].asset_id):
+    for asset, sha in sorted(zip(run.assets, run.sha256s), key=lambda pair: pair[0].asset_id):
         digest.update(f"{asset.asset_id}\t{sha}\t{asset.label}\n".encode())
     return digest.hexdigest()
 
@@ -275,27 +329,6 @@ def _unchanged_version(models_dir: Path, fingerprint: str) -> Path | None:
     return directory if manifest.get("fingerprint") == fingerprint else None
 
 
-def _reuse_version(version_dir, source, assets, labels, classes, extracted, rare, mode, started, config, features, sha256s, settings) -> TrainResult:
-    """Rebuild the verdicts from an up-to-date version instead of training again."""
-    logger.info("Nothing changed since model version %s: reusing it, nothing is trained", version_dir.name)
-    with np.load(version_dir / OOF_FILE) as stored:
-        order = {asset_id: row for row, asset_id in enumerate(stored["asset_ids"])}
-        pred_probs = stored["pred_probs"][[order[asset.asset_id] for asset in assets]]
-    detection = detect_label_issues(labels, pred_probs, filter_by=config.filter_by, score_method=config.score_method)
-    rows = _issue_rows(assets, labels, detection, classes)
-    summary = _summary(source, assets, classes, detection, extracted, rare, mode, started)
-    summary["reused_version"] = version_dir.name
-    if config.evaluate_cleaning and mode == LINEAR:
-        summary["cleaning"] = evaluate_cleaning(features, labels, sha256s, detection.is_issue, len(classes), config, settings)
-    result = TrainResult(
-        version_dir=version_dir, issues_csv=version_dir / ISSUES_CSV, summary=summary, rows=rows,
-        skipped=dict(source.read_summary.skipped),
-    )
-    if config.write_results:
-        result.write_summary = write_verdicts(source, rows, version_dir.name, config)
-    return result
-
-
 def _load_all_images(source, assets, image_cache, config) -> FeatureResult:
     """Decode and cache every image for fine-tuning; features stay empty."""
     result = FeatureResult(assets=[], sha256s=[], features=np.zeros((0, 0), dtype=np.float32))
@@ -310,24 +343,25 @@ def _load_all_images(source, assets, image_cache, config) -> FeatureResult:
     return result
 
 
-def _evaluate_cleaning_finetuned(source, assets, labels, classes, spec, image_cache, config, sha256s, backbone_state, is_issue) -> dict:
+def _evaluate_cleaning_finetuned(run: _Run, is_issue: np.ndarray) -> dict:
     """Fine-tuned cross-validated accuracy before and after removing the flagged assets."""
     from .finetune import finetune_folds
 
     def cross_validated_accuracy(rows: np.ndarray) -> float:
-        subset_labels = labels[rows]
-        folds = assign_folds(subset_labels, config.folds, config.seed)
+        subset_labels = run.labels[rows]
+        folds = assign_folds(subset_labels, run.config.folds, run.config.seed)
         outcome = finetune_folds(
-            source, [assets[i] for i in rows], subset_labels, folds, classes, spec, image_cache, None, config,
-            sha256s=[sha256s[i] for i in rows], backbone_state=backbone_state,
+            run.source, [run.assets[i] for i in rows], subset_labels, folds, run.classes, run.spec,
+            run.image_cache, None, run.config,
+            sha256s=[run.sha256s[i] for i in rows], backbone_state=run.model.state_dict(),
         )
         return float(np.mean(outcome.pred_probs.argmax(axis=1) == subset_labels))
 
     kept_rows = np.flatnonzero(~is_issue)
     return {
-        "assets_before": int(labels.size),
+        "assets_before": int(run.labels.size),
         "assets_after": int(kept_rows.size),
-        "cv_accuracy_before": cross_validated_accuracy(np.arange(labels.size)),
+        "cv_accuracy_before": cross_validated_accuracy(np.arange(run.labels.size)),
         "cv_accuracy_after": cross_validated_accuracy(kept_rows),
     }
 
@@ -398,7 +432,9 @@ def evaluate_cleaning(features, labels, sha256s, is_issue, num_classes, config, 
     }
 
 
-def _issue_rows(assets, labels, detection: Detection, classes) -> list[dict]:
+def _issue_rows(run: _Run, detection: Detection) -> list[dict]:
+    """Return one row per asset, flagged first, then by quality score (lowest first)."""
+    assets, classes = run.assets, run.classes
     order = sorted(
         range(len(assets)), key=lambda i: (not detection.is_issue[i], detection.scores[i], assets[i].asset_id)
     )
@@ -406,7 +442,7 @@ def _issue_rows(assets, labels, detection: Detection, classes) -> list[dict]:
     for rank, index in enumerate(order, start=1):
         rows.append({
             "asset_id": assets[index].asset_id,
-            "given_label": classes[labels[index]],
+            "given_label": classes[run.labels[index]],
             "suggested_label": classes[detection.suggested_labels[index]],
             "score": float(detection.scores[index]),
             "is_issue": bool(detection.is_issue[index]),
@@ -425,27 +461,35 @@ def _write_issues_csv(path: Path, rows: list[dict]) -> None:
             writer.writerow({**row, "score": f"{row['score']:.6f}"})
 
 
-def _summary(source, assets, classes, detection, extracted, rare, mode, started) -> dict:
-    labels = [asset.label for asset in assets]
-    return {
-        "source": source.name,
-        "mode": mode,
-        "assets": len(assets),
+def _summary(run: _Run, detection: Detection) -> dict:
+    """Return the run's figures, with the cleaning evaluation when requested."""
+    labels = {asset.label for asset in run.assets}
+    summary = {
+        "source": run.source.name,
+        "mode": run.mode,
+        "assets": len(run.assets),
         "flagged": int(detection.is_issue.sum()),
-        "failed_images": len(extracted.failed),
-        "skipped_labels": dict(source.read_summary.skipped),
-        "excluded_classes": sorted(rare),
-        "features_computed": extracted.computed,
-        "features_reused": extracted.reused,
+        "failed_images": len(run.extracted.failed),
+        "skipped_labels": dict(run.source.read_summary.skipped),
+        "excluded_classes": sorted(run.rare),
+        "features_computed": run.extracted.computed,
+        "features_reused": run.extracted.reused,
         "cv_accuracy": detection.cv_accuracy,
         "filter_by": detection.tables.filter_by,
         "estimated_noise_per_class": {
             name: round(float(detection.noise_per_class[index]), 4)
-            for index, name in enumerate(classes)
+            for index, name in enumerate(run.classes)
             if name in labels
         },
-        "seconds": round(time.monotonic() - started, 1),
     }
+    if run.config.evaluate_cleaning and run.mode == LINEAR:
+        summary["cleaning"] = evaluate_cleaning(
+            run.features, run.labels, run.sha256s, detection.is_issue, len(run.classes), run.config, run.settings
+        )
+    elif run.config.evaluate_cleaning:
+        summary["cleaning"] = _evaluate_cleaning_finetuned(run, detection.is_issue)
+    summary["seconds"] = round(time.monotonic() - run.started, 1)
+    return summary
 
 
 def write_verdicts(source: ProjectSource, rows: list[dict], version: str, config: TrainConfig) -> WriteSummary:
