@@ -152,3 +152,41 @@ def test_trainer_killed_midway_keeps_serving_version(tmp_path):
     result = train(LocalProject(tmp_path / "data"), TrainConfig(models_dir=models, cache_dir=cache, folds=3, progress=False))
     assert result.version_dir.name == "v0002"
     assert not [path for path in (models / "versions").iterdir() if path.name.startswith(".tmp-")]
+
+
+def test_retrain_clears_flag_of_fixed_label(tmp_path):
+    import csv
+
+    from projects import write_digits_project
+    from training.pipeline import TrainConfig, train
+    from training.sources.local import LocalProject
+
+    truth = write_digits_project(tmp_path / "data", per_class=40, classes=(0, 1, 2), flip_fraction=0.1, seed=4)
+    manifest = tmp_path / "manifest.csv"
+
+    def write_manifest(fixed: set[str]) -> None:
+        with open(manifest, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["path", "label", "asset_id"])
+            for asset_id, (true_label, given_label) in sorted(truth.items()):
+                label = true_label if asset_id in fixed else given_label
+                writer.writerow([f"data/{asset_id}", label, asset_id])
+
+    write_manifest(set())
+    config = TrainConfig(models_dir=tmp_path / "models", cache_dir=tmp_path / "cache", folds=3, progress=False)
+    first = train(LocalProject(manifest), config)
+    flipped_and_flagged = [
+        row["asset_id"] for row in first.rows
+        if row["is_issue"] and truth[row["asset_id"]][0] != truth[row["asset_id"]][1]
+    ]
+    fixed = flipped_and_flagged[0]
+    assert LocalProject(manifest).read_results()[fixed]["label_error_flagged"] is True
+
+    write_manifest({fixed})
+    second = train(LocalProject(manifest), config)
+
+    stored = LocalProject(manifest).read_results()
+    assert second.version_dir.name == "v0002"
+    assert stored[fixed]["label_error_flagged"] is False
+    assert stored[fixed]["label_error_model_version"] == "v0002"
+    assert second.write_summary.written < len(truth)
