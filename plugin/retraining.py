@@ -1,0 +1,115 @@
+"""Retraining from the running service: trigger checks, requests and status.
+
+The service counts labels durably in its inbox; this manager compares that
+count and the age of the version in use with the policy, and starts at most
+one retrain at a time in a background thread that waits on the trainer's
+child process, so scoring goes on meanwhile. When the retrain makes a new
+version current, the service's model holder loads it on its next batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+from training.retrain import RetrainAlreadyRunning, RetrainLock, RetrainPolicy, RetrainStatus, read_status, run_retrain
+
+from .model_version import MANIFEST, ModelVersionError, current_version_dir
+
+logger = logging.getLogger(__name__)
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class RetrainManager:
+    """Starts retrains when the policy says so or a caller requests one."""
+
+    def __init__(
+        self,
+        models_dir: Path,
+        policy: RetrainPolicy,
+        count_new_labels: Callable[[datetime | None], int],
+        *,
+        clock: Callable[[], datetime] = utc_now,
+    ) -> None:
+        self.models_dir = Path(models_dir)
+        self.policy = policy
+        self.count_new_labels = count_new_labels
+        self.clock = clock
+        self._thread: threading.Thread | None = None
+        self._guard = threading.Lock()
+
+    def version_created_at(self) -> datetime | None:
+        """Return when the version in use was written, or None when there is none."""
+        try:
+            directory = current_version_dir(self.models_dir)
+        except ModelVersionError:
+            return None
+        if directory is None:
+            return None
+        try:
+            manifest = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
+            return datetime.fromisoformat(manifest["created_at"])
+        except (OSError, KeyError, ValueError) as error:
+            logger.warning("Cannot read the creation time of version %s (%s)", directory.name, error)
+            return None
+
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def status(self) -> dict:
+        """Return the last retrain's status, with the new-label count and whether one runs now."""
+        status = asdict(read_status(self.models_dir))
+        status["running"] = self.running()
+        status["new_labels"] = self.count_new_labels(self.version_created_at())
+        return status
+
+    def request(self, reason: str = "requested") -> RetrainStatus:
+        """Start a retrain in the background; raise ``RetrainAlreadyRunning`` while one runs."""
+        with self._guard:
+            if self.running():
+                current = read_status(self.models_dir)
+                raise RetrainAlreadyRunning(current.started_at or "unknown", current.pid)
+            # A retrain started by another process (cron, `retrain`) holds the file lock.
+            probe = RetrainLock(self.models_dir)
+            probe.acquire()
+            probe.release()
+            started = threading.Event()
+            self._thread = threading.Thread(
+                target=self._run, args=(reason, started), name="retrain", daemon=True
+            )
+            self._thread.start()
+        started.wait(timeout=30)
+        return read_status(self.models_dir)
+
+    def _run(self, reason: str, started: threading.Event) -> None:
+        try:
+            run_retrain(self.models_dir, self.policy, reason=reason, on_start=lambda status: started.set())
+        except RetrainAlreadyRunning as error:
+            logger.warning("Retrain not started: %s", error)
+        except Exception:
+            logger.exception("Retrain failed to start")
+        finally:
+            started.set()
+
+    def check(self) -> str | None:
+        """Start a retrain when the policy says one is due; return the reason, or None."""
+        if self.running():
+            return None
+        created_at = self.version_created_at()
+        reason = self.policy.due(self.count_new_labels(created_at), created_at, self.clock())
+        if reason is None:
+            return None
+        try:
+            self.request(reason)
+        except RetrainAlreadyRunning:
+            return None
+        logger.info("Retrain triggered: %s", reason)
+        return reason
