@@ -244,4 +244,7 @@ def test_cli_dry_run_writes_nothing(tmp_path, cache_dir, capsys):
     output = capsys.readouterr().out
     assert code == 0
     assert "would write 40" in output
+    assert "Dry run: would write 40 assets" in output
     assert LocalProject(tmp_path / "data").read_results() == {}
+    assert (tmp_path / "m" / "versions" / "v0001" / "label_issues.csv").is_file()
+    assert not (tmp_path / "m" / "CURRENT").exists()

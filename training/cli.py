@@ -49,7 +49,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="leave out classes with fewer images than folds instead of stopping")
     parser.add_argument("--evaluate-cleaning", action="store_true",
                         help="also report cross-validated accuracy after removing the flagged assets")
-    parser.add_argument("--dry-run", action="store_true", help="show what would be written to the project and write nothing")
+    parser.add_argument("--dry-run", action="store_true", help="export the model version without making it current, and show what would be written to the project without writing it")
     parser.add_argument("--no-write", action="store_true", help="export the model version only; write no results to the project")
     parser.add_argument("--key-prefix", default=DEFAULT_KEY_PREFIX, help="prefix of the metadata keys written (default: %(default)s)")
     parser.add_argument("--review", action="store_true",
@@ -110,11 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     versions_parser = commands.add_parser("versions", help="list the model versions with their metrics")
-    versions_parser.add_argument("--models-dir", default=DEFAULT_MODELS_DIR, metavar="DIR", help="folder of the model versions (default: %(default)s)")
+    versions_parser.add_argument("--models-dir", "--output", dest="models_dir", default=DEFAULT_MODELS_DIR, metavar="DIR", help="folder of the model versions (default: %(default)s)")
 
     rollback_parser = commands.add_parser("rollback", help="make an older model version current")
     rollback_parser.add_argument("version", help="version name, as `versions` lists it (for example v0003)")
-    rollback_parser.add_argument("--models-dir", default=DEFAULT_MODELS_DIR, metavar="DIR", help="folder of the model versions (default: %(default)s)")
+    rollback_parser.add_argument("--models-dir", "--output", dest="models_dir", default=DEFAULT_MODELS_DIR, metavar="DIR", help="folder of the model versions (default: %(default)s)")
 
     serve_parser = commands.add_parser(
         "serve", help="run the webhook service that scores each submitted label (FastAPI under uvicorn)",
@@ -220,12 +220,34 @@ def run_report(args: argparse.Namespace) -> int:
         if version_dir is None:
             raise ReportError(f"no model version in {models_dir}: run `kili-label-errors train` first or pass --models-dir")
     source = make_source(args) if args.data or args.project_id else None
+    if source is None and not args.no_thumbnails:
+        source = _local_source_from_manifest(version_dir)
     path = render_report(
         version_dir, source=source, output=args.output, thumbnails=not args.no_thumbnails,
         max_thumbnails=args.max_thumbnails, thumbnail_px=args.thumbnail_size,
     )
     print(f"Report: {path}")
     return 0
+
+
+def _local_source_from_manifest(version_dir: Path):
+    """Return the local project a version was trained on, for thumbnails, if it is still there."""
+    import json
+
+    from .sources.base import SourceError
+    from .sources.local import LocalProject
+
+    try:
+        recorded = json.loads((version_dir / "manifest.json").read_text(encoding="utf-8")).get("source", "")
+    except (OSError, ValueError):
+        return None
+    if not recorded or not Path(recorded).exists():
+        return None
+    try:
+        return LocalProject(recorded)
+    except SourceError as error:
+        logger.info("No thumbnails from %s: %s", recorded, error)
+        return None
 
 
 def run_clear(args: argparse.Namespace) -> int:

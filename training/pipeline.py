@@ -149,7 +149,10 @@ def train(source: ProjectSource, config: TrainConfig) -> TrainResult:
     except BaseException:
         writer.abort()
         raise
-    prune_versions(run.models_dir, config.keep_versions)
+    if config.dry_run:
+        logger.info("Dry run: model version %s was written but not made current", version_dir.name)
+    else:
+        prune_versions(run.models_dir, config.keep_versions)
     return _finish(run, version_dir, rows, summary)
 
 
@@ -285,7 +288,7 @@ def _commit_version(run: _Run, writer: VersionWriter, pred_probs, graph, details
     checksummed = [*graph["folds"], OOF_FILE, ISSUES_CSV]
     if graph["backbone"]:
         checksummed.append(graph["backbone"])
-    return writer.commit(manifest, checksummed=checksummed)
+    return writer.commit(manifest, checksummed=checksummed, make_current=not run.config.dry_run)
 
 
 def _finish(run: _Run, version_dir: Path, rows: list[dict], summary: dict) -> TrainResult:
@@ -458,7 +461,7 @@ def _write_issues_csv(path: Path, rows: list[dict]) -> None:
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
-            writer.writerow({**row, "score": f"{row['score']:.6f}"})
+            writer.writerow({**row, "score": f"{row['score']:.6g}"})
 
 
 def _summary(run: _Run, detection: Detection) -> dict:

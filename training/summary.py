@@ -31,7 +31,8 @@ def format_summary(result: TrainResult, *, dry_run: bool = False) -> str:
             f"({cleaning['assets_before']} assets) -> {cleaning['cv_accuracy_after']:.2%} "
             f"({cleaning['assets_after']} assets)"
         )
-    lines.append(f"Model version:      {result.version_dir}")
+    suffix = " (dry run: not made current)" if dry_run and "reused_version" not in summary else ""
+    lines.append(f"Model version:      {result.version_dir}{suffix}")
     lines.append(f"Label issues:       {result.issues_csv}")
     if result.write_summary is not None:
         written = result.write_summary

@@ -78,7 +78,7 @@ class LocalProject(ProjectSource):
         if len(self._classes) < 2:
             raise SourceError(
                 f"only one class ({self._classes[0]!r}) in {self.path}: label-error detection "
-                "needs at least two classes"
+                "needs at least two classes; add a folder (or manifest rows) for another class"
             )
 
     def _scan_folder(self) -> list[Asset]:
@@ -183,6 +183,7 @@ class LocalProject(ProjectSource):
         summary.unchanged = len(results) - len(changed)
         if dry_run:
             summary.written = len(changed)  # what a real run would write
+            self._print_plan(changed)
             return summary
         if not changed:
             return summary
@@ -199,6 +200,21 @@ class LocalProject(ProjectSource):
         summary.written = len(changed)
         logger.info("Wrote results of %d assets to %s", summary.written, self.results_db)
         return summary
+
+    @staticmethod
+    def _print_plan(changed: Sequence[AssetResult], limit: int = 20) -> None:
+        """Print the flagged assets a real run would write, highest priority first."""
+        flagged = [result for result in changed if any(
+            key.endswith("flagged") and value is True for key, value in result.metadata.items()
+        )]
+        flagged.sort(key=lambda result: -result.priority)
+        print(f"Dry run: would write {len(changed)} assets, {len(flagged)} of them flagged")
+        for result in flagged[:limit]:
+            score = next((value for key, value in result.metadata.items() if key.endswith("score")), "")
+            suggested = next((value for key, value in result.metadata.items() if key.endswith("suggested_label")), "")
+            print(f"  {result.asset_id}: score {score}, suggested {suggested}, priority {result.priority}")
+        if len(flagged) > limit:
+            print(f"  ... and {len(flagged) - limit} more flagged assets")
 
     def clear_results(self, *, dry_run: bool = False) -> int:
         """Delete every stored result; return how many there were."""
