@@ -4,13 +4,14 @@ Usage: python bench/plugin_latency.py [--models-dir DIR] [--work DIR] [--events 
 
 Starts the fake Kili server (tests/fake_kili) in this process with a digits
 project, trains a model version on it unless --models-dir names one (the
-trainer's default backbone, EfficientNet-Lite0 at 224 px), and runs
-`kili-label-errors serve` as a child process on 127.0.0.1. Each client
+trainer's default backbone, EfficientNet-Lite0 at 224 px). Each run gets a
+fresh `kili-label-errors serve` child process on 127.0.0.1. Each client
 thread sends one webhook call, waits until the fake server has applied the
 metadata write of that asset, then sends the next (a closed loop), so the
 concurrency is the number of events in flight. Each event is a new label on
 an asset that was not in training, so it is scored by the mean of the fold
-models. Prints a Markdown table of p50/p95/p99 latency and events per second.
+models. Prints the model's own time per image and a Markdown table of
+p50/p95/p99 latency and events per second.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def train(server: FakeKili, work: Path) -> Path:
 
 
 def add_bench_assets(server: FakeKili, count: int) -> list[str]:
-    """Add ``count`` unlabeled-so-far assets that reuse the digit images; return their ids."""
+    """Add ``count`` new labeled assets that reuse the digit images; return their ids."""
     images = [data for data, _ in server.files.values()]
     asset_ids = []
     for index in range(count):
@@ -102,6 +103,7 @@ def body(server: FakeKili, asset_id: str) -> dict:
 def run_load(server: TimedFakeKili, url: str, asset_ids: list[str], concurrency: int) -> dict:
     """Send one event per asset with ``concurrency`` closed-loop clients; return the latency figures."""
     latencies: list[float] = []
+    acknowledgements: list[float] = []  # request to the 202 response
     lock = threading.Lock()
     queue = list(reversed(asset_ids))
 
@@ -115,11 +117,13 @@ def run_load(server: TimedFakeKili, url: str, asset_ids: list[str], concurrency:
                 started = time.perf_counter()
                 response = http.post("/webhook", json=body(server, asset_id), headers={"Authorization": SECRET})
                 response.raise_for_status()
+                acknowledged = time.perf_counter() - started
                 with server.written:
                     if not server.written.wait_for(lambda: asset_id in server.written_at, timeout=120):
                         raise RuntimeError(f"metadata of {asset_id} was not written within 120 s")
                 with lock:
                     latencies.append(server.written_at[asset_id] - started)
+                    acknowledgements.append(acknowledged)
 
     started = time.perf_counter()
     threads = [threading.Thread(target=client) for _ in range(concurrency)]
@@ -134,7 +138,57 @@ def run_load(server: TimedFakeKili, url: str, asset_ids: list[str], concurrency:
         "events_per_second": round(len(latencies) / elapsed, 1),
         "p50_ms": round(float(np.percentile(values, 50)), 1), "p95_ms": round(float(np.percentile(values, 95)), 1),
         "p99_ms": round(float(np.percentile(values, 99)), 1),
+        "p50_202_ms": round(float(np.percentile(np.array(acknowledgements) * 1000, 50)), 1),
     }
+
+
+def model_time(models_dir: Path, repeats: int = 5) -> dict[int, float]:
+    """Return the milliseconds per image of ``ModelVersion.predict`` (all folds) at batch 1 and 16."""
+    from plugin.model_version import ModelVersion, current_version_dir
+
+    version = ModelVersion.load(current_version_dir(models_dir), providers=["CPUExecutionProvider"])
+    size = version.preprocessing.input_size
+    pixels = np.random.default_rng(0).integers(0, 256, (16, size, size, 3), dtype=np.uint8)
+    version.predict(pixels[:1], [None])
+    result = {}
+    for batch in (1, 16):
+        started = time.perf_counter()
+        for _ in range(repeats):
+            version.predict(pixels[:batch], [None] * batch)
+        result[batch] = (time.perf_counter() - started) * 1000 / repeats / batch
+    return result
+
+
+class ServeProcess:
+    """`kili-label-errors serve` as a child process, started and stopped with ``with``."""
+
+    def __init__(self, config_path: Path, environment: dict, log_path: Path) -> None:
+        self.port = free_port()
+        self.command = [sys.executable, "-m", "training.cli", "serve", "--config", str(config_path),
+                        "--port", str(self.port)]
+        self.environment = environment
+        self.log_path = log_path
+
+    def __enter__(self) -> str:
+        self.log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(self.command, cwd=REPO, env=self.environment,
+                                        stdout=self.log, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=2).json()["model_version"]:
+                    return url
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise RuntimeError(f"the service did not start; see {self.log_path}")
+            time.sleep(0.2)
+
+    def __exit__(self, *exc) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(30)
+        self.log.close()
 
 
 def main() -> int:
@@ -158,60 +212,49 @@ def main() -> int:
     server = TimedFakeKili(api_keys={API_KEY}).start()
     add_digits_project(server, PROJECT, count=150, noise=0.1, seed=0)
     models_dir = args.models_dir or train(server, work)
-    asset_ids = add_bench_assets(server, args.warmup + sum(events))
+    asset_ids = add_bench_assets(server, args.warmup * len(events) + sum(events))
 
     config_path = work / "plugin_config.json"
     inbox = work / "inbox.sqlite"
-    inbox.unlink(missing_ok=True)
     config_path.write_text(json.dumps({
         "project_id": PROJECT, "models_dir": str(models_dir.resolve()), "inbox_path": str(inbox),
         "providers": ["CPUExecutionProvider"], "secret_env": "KLE_BENCH_SECRET", "api_key_env": "KLE_BENCH_API_KEY",
         "api_endpoint": server.endpoint,
     }))
-    port = free_port()
     environment = {**os.environ, "KLE_BENCH_SECRET": SECRET, "KLE_BENCH_API_KEY": API_KEY}
-    log = open(work / "serve.log", "wb")
-    service = subprocess.Popen(
-        [sys.executable, "-m", "training.cli", "serve", "--config", str(config_path), "--port", str(port)],
-        cwd=REPO, env=environment, stdout=log, stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
+    model_ms = model_time(models_dir)
+    rows, offset, health = [], 0, {}
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=2).json()["model_version"]:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or service.poll() is not None:
-                raise RuntimeError(f"the service did not start; see {work / 'serve.log'}")
-            time.sleep(0.2)
-
-        run_load(server, url, asset_ids[: args.warmup], 1)
-        rows, offset = [], args.warmup
         for count, concurrency in zip(events, concurrencies):
-            calls_before = len(server.requests)
-            row = run_load(server, url, asset_ids[offset : offset + count], concurrency)
-            row["kili_calls_per_event"] = round((len(server.requests) - calls_before) / count, 2)
-            rows.append(row)
-            offset += count
-        health = httpx.get(url + "/health", timeout=5).json()
+            # A fresh service per run: the SDK's limit of 500 calls a minute counts per process,
+            # so calls of an earlier run would throttle the next one.
+            inbox.unlink(missing_ok=True)
+            with ServeProcess(config_path, environment, work / "serve.log") as url:
+                run_load(server, url, asset_ids[offset : offset + args.warmup], 1)
+                offset += args.warmup
+                calls_before = len(server.requests)
+                load_before = os.getloadavg()[0]
+                row = run_load(server, url, asset_ids[offset : offset + count], concurrency)
+                row["kili_calls_per_event"] = round((len(server.requests) - calls_before) / count, 2)
+                row["load"] = f"{load_before:.1f} / {os.getloadavg()[0]:.1f}"
+                rows.append(row)
+                offset += count
+                health = httpx.get(url + "/health", timeout=5).json()
     finally:
-        service.send_signal(signal.SIGTERM)
-        service.wait(30)
-        log.close()
         server.stop()
 
     print(f"Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; machine: {platform.machine()}, "
           f"{os.cpu_count()} CPU cores, {platform.python_version()}; providers: {', '.join(health['providers'])}; "
           f"model version: {health['model_version']}")
+    print(f"Model alone (backbone and every fold, ONNX Runtime CPU): {model_ms[1]:.1f} ms per image at batch 1, "
+          f"{model_ms[16]:.1f} ms per image at batch 16")
     print()
-    print("| concurrency | events | p50 ms | p95 ms | p99 ms | events/s | Kili calls per event |")
-    print("|---|---|---|---|---|---|---|")
+    print("| concurrency | events | p50 ms | p95 ms | p99 ms | p50 ms to the 202 | events/s | Kili calls per event "
+          "| load average before / after |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['concurrency']} | {row['events']} | {row['p50_ms']} | {row['p95_ms']} | {row['p99_ms']} | "
-              f"{row['events_per_second']} | {row['kili_calls_per_event']} |")
+              f"{row['p50_202_ms']} | {row['events_per_second']} | {row['kili_calls_per_event']} | {row['load']} |")
     return 0
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .metadata import DEFAULT_KEY_PREFIX, MAX_PRIORITY
+from .retrain_policy import RetrainPolicy
 
 PROVIDER_NAMES = ("CUDAExecutionProvider", "CPUExecutionProvider")
 NO_MODEL_ACTIONS = ("wait", "skip")
@@ -28,7 +29,7 @@ KEY_PREFIX = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 KNOWN_KEYS = {
     "project_id", "job", "key_prefix", "thresholds", "priority", "review", "models_dir", "providers",
     "secret_env", "api_key_env", "api_endpoint", "inbox_path", "no_model", "max_batch_size",
-    "max_body_bytes", "download_workers", "retry", "listen",
+    "max_body_bytes", "download_workers", "write_workers", "retry", "listen", "retrain",
 }
 
 
@@ -38,11 +39,12 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class PriorityMapping:
-    """How a verdict maps to a Kili review priority (higher is reviewed first).
+    """Mapping from a verdict to a Kili review priority (higher is reviewed first).
 
     Flagged labels get ``flagged_min``..``flagged_max`` and unflagged ones
-    0..``unflagged_max``, lower scores getting higher priorities. The defaults
-    reproduce ``plugin.metadata.review_priority``, which the trainer uses.
+    0..``unflagged_max``. Within each range a lower score gets a higher
+    priority. The defaults reproduce ``plugin.metadata.review_priority``,
+    which the trainer uses.
     """
 
     def priority(self, score: float, flagged: bool) -> int:
@@ -87,9 +89,11 @@ class PluginConfig:
     max_batch_size: int = 32
     max_body_bytes: int = 1_000_000
     download_workers: int = 8
+    write_workers: int = 32
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     host: str = "127.0.0.1"
     port: int = 8080
+    retrain: RetrainPolicy | None = None  # None: retrain only when requested
 
     def secret(self) -> str:
         """Return the webhook secret from the environment variable that ``secret_env`` names."""
@@ -247,10 +251,22 @@ def parse_config(data: object, base_dir: str | Path = ".") -> PluginConfig:
         max_batch_size=_integer(data, "max_batch_size", 32, 1, 1024),
         max_body_bytes=_integer(data, "max_body_bytes", 1_000_000, 1024, 100_000_000),
         download_workers=_integer(data, "download_workers", 8, 1, 64),
+        write_workers=_integer(data, "write_workers", 32, 1, 64),
         retry=retry_policy,
         host=host,
         port=_integer(listen, "port", 8080, 0, 65535, "listen.port"),
+        retrain=_retrain_policy(data.get("retrain")),
     )
+
+
+def _retrain_policy(value: object) -> RetrainPolicy | None:
+    if value is None:
+        return None
+    _expect(isinstance(value, Mapping), "retrain", "an object with after_labels, after_hours and command, or null", value)
+    try:
+        return RetrainPolicy.from_dict(value)
+    except ValueError as error:
+        raise ConfigError(f"plugin configuration key {error}") from error
 
 
 def load_config(path: str | Path) -> PluginConfig:
@@ -293,7 +309,9 @@ def config_to_dict(config: PluginConfig) -> dict:
         "max_batch_size": config.max_batch_size,
         "max_body_bytes": config.max_body_bytes,
         "download_workers": config.download_workers,
+        "write_workers": config.write_workers,
         "retry": {"attempts": config.retry.attempts, "initial_wait_seconds": config.retry.initial_wait_seconds,
                   "max_wait_seconds": config.retry.max_wait_seconds},
         "listen": {"host": config.host, "port": config.port},
+        "retrain": config.retrain.to_dict() if config.retrain else None,
     }

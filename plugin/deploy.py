@@ -6,10 +6,11 @@ handler types ``onSubmit`` and ``onReview`` and the secret as the
 
 A hosted plugin is uploaded from a bundle folder. Kili uploads only the
 ``.py`` files of a plugin folder plus ``requirements.txt`` (kili 26.2.4,
-``kili/services/plugins/upload.py``), so the bundle carries the code of
-``plugin/`` and of the Kili writer, the configuration as a Python module, and
-the current model version's files base64-encoded in Python modules. Hosted
-plugins get 512 MB of memory and 60 s per run (Kili's plugin documentation).
+``kili/services/plugins/upload.py``). The bundle therefore carries the code
+of ``plugin/`` and of the Kili writer, the configuration as a Python module,
+and the current model version's files base64-encoded in Python modules.
+Hosted plugins get 512 MB of memory and 60 s per run (Kili's plugin
+documentation).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import pprint
 import shutil
 from pathlib import Path
 
-from training.sources.kili_gateway import KiliGateway
+from training.sources.kili_gateway import KiliApiError, KiliGateway
 
 from .config import PluginConfig, config_to_dict
 from .model_version import ModelVersion, ModelVersionError, current_version_dir
@@ -43,6 +44,19 @@ def _plugin_names(gateway: KiliGateway) -> set[str]:
     return {plugin.get("name") for plugin in plugins or []}
 
 
+def _activate(gateway: KiliGateway, plugin_name: str, project_id: str) -> str:
+    """Activate a plugin or webhook on the project; return "activated" or "already active"."""
+    try:
+        gateway._call(f"the activation of {plugin_name!r} on project {project_id}",
+                      gateway.kili.activate_plugin_on_project, plugin_name=plugin_name, project_id=project_id)
+    except KiliApiError as error:
+        # Kili reports an existing activation as an "already exists" GraphQL error (kili 26.2.4 raises it).
+        if "already exists" in str(error):
+            return "already active"
+        raise
+    return "activated"
+
+
 def deploy_webhook(gateway: KiliGateway, config: PluginConfig, url: str, plugin_name: str, secret: str) -> str:
     """Create or update the webhook for ``url`` and activate it on the project; return what was done."""
     if not url.startswith(("http://", "https://")):
@@ -57,10 +71,7 @@ def deploy_webhook(gateway: KiliGateway, config: PluginConfig, url: str, plugin_
                       webhook_url=url, plugin_name=plugin_name, header=secret,
                       handler_types=HANDLER_TYPES, verbose=False)
         action = "created"
-    activated = gateway._call(f"the activation of {plugin_name!r} on project {config.project_id}",
-                              gateway.kili.activate_plugin_on_project,
-                              plugin_name=plugin_name, project_id=config.project_id)
-    state = "activated" if activated is not None else "already active"
+    state = _activate(gateway, plugin_name, config.project_id)
     logger.info("Webhook %s %s for %s (handlers %s), %s on project %s",
                 plugin_name, action, url, ", ".join(HANDLER_TYPES), state, config.project_id)
     return f"webhook {plugin_name} {action} for {url} (handlers {', '.join(HANDLER_TYPES)}), {state} on project {config.project_id}"
@@ -122,9 +133,6 @@ def deploy_hosted(gateway: KiliGateway, config: PluginConfig, plugin_name: str, 
         gateway._call(f"the upload of plugin {plugin_name!r}", gateway.kili.upload_plugin,
                       plugin_path=str(bundle), plugin_name=plugin_name, verbose=False)
         action = "uploaded"
-    activated = gateway._call(f"the activation of {plugin_name!r} on project {config.project_id}",
-                              gateway.kili.activate_plugin_on_project,
-                              plugin_name=plugin_name, project_id=config.project_id)
-    state = "activated" if activated is not None else "already active"
+    state = _activate(gateway, plugin_name, config.project_id)
     logger.info("Hosted plugin %s %s from %s, %s on project %s", plugin_name, action, bundle, state, config.project_id)
     return f"hosted plugin {plugin_name} {action} from {bundle}, {state} on project {config.project_id}"

@@ -1,4 +1,4 @@
-"""The durable event inbox: one SQLite row per label, written before the webhook answers.
+"""The durable event inbox: one SQLite row per label, written before the webhook responds.
 
 Each event is keyed by its label id, so a label that Kili sends twice is
 stored and processed once. Status moves ``pending`` -> ``processing`` ->
@@ -18,7 +18,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,15 +95,21 @@ class Inbox:
             )
             return cursor.rowcount
 
-    def claim_batch(self, max_events: int) -> list[Event]:
-        """Move up to ``max_events`` of the oldest pending events to ``processing`` and return them."""
+    def claim_batch(self, max_events: int, exclude_asset_ids: Collection[str] = ()) -> list[Event]:
+        """Move up to ``max_events`` of the oldest pending events to ``processing`` and return them.
+
+        Events of ``exclude_asset_ids`` (assets that a running batch is writing) stay pending.
+        """
+        excluded = list(exclude_asset_ids)
+        placeholders = ", ".join("?" * len(excluded))
+        condition = f" AND asset_id NOT IN ({placeholders})" if excluded else ""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 rows = self._db.execute(
                     "SELECT label_id, asset_id, project_id, event_type, label_json, received_at, run_id, attempts"
-                    " FROM events WHERE status = ? ORDER BY received_at, label_id LIMIT ?",
-                    (PENDING, max_events),
+                    f" FROM events WHERE status = ?{condition} ORDER BY received_at, label_id LIMIT ?",
+                    (PENDING, *excluded, max_events),
                 ).fetchall()
                 now = time.time()
                 self._db.executemany(
@@ -146,6 +152,15 @@ class Inbox:
         counts = {status: 0 for status in (PENDING, PROCESSING, *FINAL_STATUSES)}
         counts.update({status: count for status, count in rows})
         return counts
+
+    def count_received_since(self, since: float | None, event_type: str = "onSubmit") -> int:
+        """Return how many distinct labels of ``event_type`` arrived at or after ``since`` (a Unix time)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT COUNT(*) FROM events WHERE event_type = ? AND received_at >= ?",
+                (event_type, since if since is not None else 0.0),
+            ).fetchone()
+        return int(row[0])
 
     def depth(self) -> int:
         """Return the number of events not yet finished (pending or processing)."""

@@ -42,7 +42,8 @@ from training.sources.kili_gateway import KiliGateway
 
 CONFIG_ENV = "KILI_LABEL_ERRORS_CONFIG"
 
-_processors: dict[tuple[int, str], BatchProcessor] = {}
+# Keyed by the client object itself (not its id), so a new client never gets a processor built for an old one.
+_processors: dict[tuple[object, str], BatchProcessor] = {}
 _models: dict[str, ModelHolder] = {}
 _lock = threading.Lock()
 
@@ -78,7 +79,7 @@ def plugin_config() -> PluginConfig:
 
 def _processor(kili, project_id: str, config: PluginConfig, logger: logging.Logger) -> BatchProcessor:
     """Return this process's processor for the client and project, building it on the first call."""
-    key = (id(kili), project_id)
+    key = (kili, project_id)
     with _lock:
         if key not in _processors:
             if project_id != config.project_id:

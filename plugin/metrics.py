@@ -1,10 +1,10 @@
 """Service metrics in the Prometheus text format.
 
-Counters of received, duplicate, scored, not scorable, skipped and failed
-events, a histogram of the latency from webhook request to metadata written,
-and the same latency as a summary with p50/p95/p99 over the last
-``LATENCY_WINDOW`` finished events (so they can be read without a Prometheus
-server).
+The registry has counters of received, duplicate, scored, not scorable,
+skipped and failed events, and a histogram of the latency from webhook
+request to metadata written. The same latency is also a summary with
+p50/p95/p99 over the last ``LATENCY_WINDOW`` finished events, so the
+percentiles can be read without a Prometheus server.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The model version in use: loaded once per process and reloaded when ``CURRENT`` changes.
 
 ONNX Runtime sessions are kept between events. A version whose files do not
-match their manifest checksums is refused, logged once, and the previously
-loaded version stays in use. The refused version is tried again only when
+match their manifest checksums is rejected and logged once, and the previously
+loaded version stays in use. The rejected version is tried again only when
 ``CURRENT`` or its manifest changes.
 """
 
@@ -12,6 +12,8 @@ import logging
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+
+import numpy as np
 
 from .model_version import CURRENT, MANIFEST, ModelVersion, ModelVersionError, current_version_dir
 from .runtime import AUTO
@@ -28,7 +30,7 @@ class ModelHolder:
         self.version: ModelVersion | None = None
         self.last_error: str | None = None
         self._loaded_key: tuple | None = None
-        self._refused_key: tuple | None = None
+        self._rejected_key: tuple | None = None
         self._lock = threading.Lock()
 
     def _pointer_key(self) -> tuple | None:
@@ -45,23 +47,26 @@ class ModelHolder:
         """Return the version to score with, loading a new one when ``CURRENT`` changed; None if none exists."""
         with self._lock:
             key = self._pointer_key()
-            if key is None or key == self._loaded_key or key == self._refused_key:
+            if key is None or key == self._loaded_key or key == self._rejected_key:
                 return self.version
             try:
                 directory = current_version_dir(self.models_dir)
                 loaded = ModelVersion.load(directory, providers=self.providers) if directory else None
             except ModelVersionError as error:
-                self._refused_key = key
-                self.last_error = f"model version {key[0]} refused: {error}"
-                kept = f"version {self.version.name} stays in use" if self.version else "no version is loaded"
-                logger.error("Refusing model version %s in %s: %s; %s", key[0], self.models_dir, error, kept)
+                self._rejected_key = key
+                self.last_error = f"model version {key[0]} rejected: {error}"
+                still_used = f"version {self.version.name} stays in use" if self.version else "no version is loaded"
+                logger.error("Rejected model version %s in %s: %s; %s", key[0], self.models_dir, error, still_used)
                 return self.version
             if loaded is None:
                 return self.version
+            # The first run of a session allocates its buffers; do it now rather than on the first event.
+            size = loaded.preprocessing.input_size
+            loaded.predict(np.zeros((1, size, size, 3), dtype=np.uint8), [None])
             previous = self.version.name if self.version else None
             self.version = loaded
             self._loaded_key = key
-            self._refused_key = None
+            self._rejected_key = None
             providers = ", ".join(loaded.folds[0].providers) if loaded.folds else "none"
             logger.info(
                 "Loaded model version %s from %s (%d classes, %d folds, providers %s)%s",

@@ -1,8 +1,8 @@
 """Retraining from the running service: trigger checks, requests and status.
 
-The service counts labels durably in its inbox; this manager compares that
-count and the age of the version in use with the policy, and starts at most
-one retrain at a time in a background thread that waits on the trainer's
+The service counts labels durably in its inbox. This manager compares that
+count and the age of the version in use with the policy. It starts at most
+one retrain at a time, in a background thread that waits on the trainer's
 child process, so scoring goes on meanwhile. When the retrain makes a new
 version current, the service's model holder loads it on its next batch.
 """
@@ -17,9 +17,10 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
-from training.retrain import RetrainAlreadyRunning, RetrainLock, RetrainPolicy, RetrainStatus, read_status, run_retrain
+from training.retrain import RetrainAlreadyRunning, RetrainLock, RetrainStatus, read_status, run_retrain
 
 from .model_version import MANIFEST, ModelVersionError, current_version_dir
+from .retrain_policy import RetrainPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ def utc_now() -> datetime:
 
 
 class RetrainManager:
-    """Starts retrains when the policy says so or a caller requests one."""
+    """Starts a retrain when the policy makes one due or a caller requests one."""
 
     def __init__(
         self,
@@ -38,11 +39,13 @@ class RetrainManager:
         count_new_labels: Callable[[datetime | None], int],
         *,
         clock: Callable[[], datetime] = utc_now,
+        environment: dict[str, str] | None = None,
     ) -> None:
         self.models_dir = Path(models_dir)
         self.policy = policy
         self.count_new_labels = count_new_labels
         self.clock = clock
+        self.environment = environment or {}
         self._thread: threading.Thread | None = None
         self._guard = threading.Lock()
 
@@ -91,7 +94,10 @@ class RetrainManager:
 
     def _run(self, reason: str, started: threading.Event) -> None:
         try:
-            run_retrain(self.models_dir, self.policy, reason=reason, on_start=lambda status: started.set())
+            run_retrain(
+                self.models_dir, self.policy, reason=reason,
+                on_start=lambda status: started.set(), environment=self.environment,
+            )
         except RetrainAlreadyRunning as error:
             logger.warning("Retrain not started: %s", error)
         except Exception:
@@ -99,9 +105,12 @@ class RetrainManager:
         finally:
             started.set()
 
+    def has_triggers(self) -> bool:
+        return self.policy.after_labels is not None or self.policy.after_hours is not None
+
     def check(self) -> str | None:
-        """Start a retrain when the policy says one is due; return the reason, or None."""
-        if self.running():
+        """Start a retrain when the policy makes one due; return the reason, or None."""
+        if self.running() or not self.has_triggers():
             return None
         created_at = self.version_created_at()
         reason = self.policy.due(self.count_new_labels(created_at), created_at, self.clock())
@@ -113,3 +122,52 @@ class RetrainManager:
             return None
         logger.info("Retrain triggered: %s", reason)
         return reason
+
+
+def trainer_policy(config) -> RetrainPolicy:
+    """Return the configured policy, with the trainer options that retrain the configured project.
+
+    The local trainer gets the project id, job, endpoint, key prefix and
+    review options of the plugin configuration, then the policy's own
+    ``train_arguments``. An external ``command`` is left as configured.
+    """
+    from dataclasses import replace
+
+    policy = config.retrain or RetrainPolicy()
+    if policy.command is not None:
+        return policy
+    arguments = ["--project-id", config.project_id, "--key-prefix", config.key_prefix]
+    if config.job:
+        arguments += ["--job", config.job]
+    if config.api_endpoint:
+        arguments += ["--api-endpoint", config.api_endpoint]
+    if config.send_to_review:
+        arguments.append("--review")
+    if config.create_issues:
+        arguments.append("--create-issues")
+    return replace(policy, train_arguments=arguments + list(policy.train_arguments))
+
+
+class RetrainScheduler:
+    """A thread that runs the manager's check every ``check_seconds``."""
+
+    def __init__(self, manager: RetrainManager) -> None:
+        self.manager = manager
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="retrain-scheduler", daemon=True)
+
+    def start(self) -> None:
+        if self.manager.has_triggers():
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.manager.policy.check_seconds):
+            try:
+                self.manager.check()
+            except Exception:
+                logger.exception("Retrain check failed; trying again in %.0f s", self.manager.policy.check_seconds)

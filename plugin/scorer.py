@@ -2,8 +2,8 @@
 
 Given each label's ``jsonResponse`` and its image bytes, return a ``Verdict``
 per scorable label and a "not scorable" reason for the others. Images are
-decoded and preprocessed exactly as in training (``plugin.preprocess``), all
-scorable images of a batch go through the model in one call, and the
+decoded and preprocessed exactly as in training (``plugin.preprocess``), and
+all scorable images of a batch go through the model in one call. The
 decision uses the thresholds stored with the model version, so a training
 asset gets the same verdict as in the offline run.
 """

@@ -7,16 +7,19 @@ Routes:
   The ``Authorization`` header must equal the secret (constant-time
   comparison), else 401. A body over ``max_body_bytes`` gets 413, a malformed
   one 422 with the reason. An accepted event is stored in the SQLite inbox
-  before the answer, 202 ``{"status": "queued"}`` (or ``"duplicate"`` for a
-  label id already stored). Nothing is stored for a rejected request.
+  before the response, 202 ``{"status": "queued"}`` (or ``"duplicate"`` for
+  a label id already stored). Nothing is stored for a rejected request.
 - ``GET /health``: the loaded model version, queue depth and last error, as JSON.
 - ``GET /metrics``: counters and latency figures in the Prometheus text format.
+- ``POST /retrain``: start a full retrain now (same secret as the webhook);
+  202 with its start time, or 409 with the running one's start time.
 
 The worker thread starts and stops with the application (lifespan).
 """
 
 from __future__ import annotations
 
+import copy
 import hmac
 import json
 import logging
@@ -29,10 +32,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
+from training.retrain import RetrainAlreadyRunning
+
 from .config import PluginConfig
 from .inbox import Event, Inbox
 from .metrics import CONTENT_TYPE, ServiceMetrics
 from .models import ModelHolder
+from .retraining import RetrainManager, RetrainScheduler, trainer_policy
 from .worker import BatchProcessor, PluginKiliProject, Worker
 
 logger = logging.getLogger(__name__)
@@ -48,6 +54,7 @@ def parse_event(body: object, project_id: str) -> Event:
     """Validate a decoded webhook body and return the event to store."""
     if not isinstance(body, Mapping):
         raise InvalidEvent(f"the body must be a JSON object, got {type(body).__name__}")
+
     event_type = body.get("eventType")
     if event_type not in EVENT_TYPES:
         raise InvalidEvent(f"eventType must be one of {', '.join(EVENT_TYPES)}, got {event_type!r}")
@@ -59,6 +66,7 @@ def parse_event(body: object, project_id: str) -> Event:
             f"logPayload.projectId is {log_payload.get('projectId')!r}, but this service scores project "
             f"{project_id!r}; point this project's webhook at its own service"
         )
+
     payload = body.get("payload")
     if not isinstance(payload, Mapping):
         raise InvalidEvent("payload must be an object with label and asset_id")
@@ -74,6 +82,7 @@ def parse_event(body: object, project_id: str) -> Event:
     response = label.get("jsonResponse")
     if response is not None and not isinstance(response, (Mapping, str)):
         raise InvalidEvent(f"payload.label.jsonResponse must be an object or a JSON string, got {type(response).__name__}")
+
     run_id = log_payload.get("runId")
     return Event(
         label_id=label_id, asset_id=asset_id, project_id=project_id, event_type=event_type,
@@ -101,7 +110,7 @@ async def read_limited(request: Request, limit: int) -> bytes:
 
 @dataclass
 class Service:
-    """What the application needs: the inbox, the worker, the models and the metrics."""
+    """Dependencies of the application: the inbox, the worker, the models and the metrics."""
 
     config: PluginConfig
     secret: str
@@ -109,6 +118,7 @@ class Service:
     worker: Worker
     models: ModelHolder
     metrics: ServiceMetrics
+    retrain: RetrainManager | None = None
 
 
 def create_app(service: Service) -> FastAPI:
@@ -119,11 +129,21 @@ def create_app(service: Service) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await run_in_threadpool(service.models.current)
+        try:
+            # Declared now, so that the first event's write does not wait for it (the SDK pauses 1 s after a mutation).
+            await run_in_threadpool(service.worker.processor.project.declare_score_property)
+        except Exception as error:  # noqa: BLE001  (the first write declares it again)
+            logger.warning("Cannot declare the score key as a number in project %s yet: %s", config.project_id, error)
         service.worker.start()
+        scheduler = RetrainScheduler(service.retrain) if service.retrain is not None else None
+        if scheduler is not None:
+            scheduler.start()
         logger.info("Webhook service for project %s ready (inbox %s)", config.project_id, service.inbox.path)
         try:
             yield
         finally:
+            if scheduler is not None:
+                await run_in_threadpool(scheduler.stop)
             await run_in_threadpool(service.worker.stop)
             service.worker.processor.close()
             service.inbox.close()
@@ -135,8 +155,8 @@ def create_app(service: Service) -> FastAPI:
         return JSONResponse({"error": reason}, status_code=status)
 
     async def receive(request: Request) -> Response:
-        given = request.headers.get("authorization", "").encode("utf-8")
-        if not hmac.compare_digest(given, secret):
+        received_secret = request.headers.get("authorization", "").encode("utf-8")
+        if not hmac.compare_digest(received_secret, secret):
             logger.warning("Rejected a webhook call from %s: missing or wrong Authorization header",
                            request.client.host if request.client else "?")
             return reject(401, "missing or wrong Authorization header: send the secret configured with the webhook")
@@ -162,6 +182,19 @@ def create_app(service: Service) -> FastAPI:
         service.worker.notify()
         return JSONResponse({"status": "queued", "label_id": event.label_id}, status_code=202)
 
+    async def request_retrain(request: Request) -> Response:
+        received_secret = request.headers.get("authorization", "").encode("utf-8")
+        if not hmac.compare_digest(received_secret, secret):
+            return reject(401, "missing or wrong Authorization header: send the webhook secret")
+        if service.retrain is None:
+            return reject(404, "retraining is not set up in this service")
+        try:
+            status = await run_in_threadpool(service.retrain.request, "requested over HTTP")
+        except RetrainAlreadyRunning as error:
+            return JSONResponse({"status": "already running", "started_at": error.started_at}, status_code=409)
+        return JSONResponse({"status": status.state, "started_at": status.started_at, "log": status.log}, status_code=202)
+
+    app.add_api_route("/retrain", request_retrain, methods=["POST"])
     app.add_api_route("/webhook", receive, methods=["POST"])
     app.add_api_route("/", receive, methods=["POST"])
 
@@ -177,6 +210,7 @@ def create_app(service: Service) -> FastAPI:
             "events": service.inbox.counts(),
             "worker_alive": service.worker.is_alive(),
             "last_error": last_error,
+            "retrain": service.retrain.status() if service.retrain is not None else None,
         })
 
     @app.get("/metrics")
@@ -197,9 +231,21 @@ def build_service(config: PluginConfig, *, secret: str | None = None, gateway=No
         gateway, config.project_id, job=config.job, key_prefix=config.key_prefix,
         send_to_review=config.send_to_review, create_issues=config.create_issues,
     )
+    # One project object per writer thread, because a write keeps per-batch state on it. The copies
+    # share the gateway and the job; prime() and write_results() rebind the per-batch attributes.
+    projects = [project] + [copy.copy(project) for _ in range(config.write_workers - 1)]
     inbox = Inbox(config.inbox_path)
     models = ModelHolder(config.models_dir, providers=config.providers)
     metrics = ServiceMetrics(queue_depth=inbox.depth)
-    processor = BatchProcessor(config, project, models, metrics=metrics)
-    worker = Worker(inbox, processor, max_batch_size=config.max_batch_size, metrics=metrics)
-    return Service(config=config, secret=secret, inbox=inbox, worker=worker, models=models, metrics=metrics)
+    processor = BatchProcessor(config, projects[0], models, metrics=metrics)
+    worker = Worker(inbox, processor, max_batch_size=config.max_batch_size, projects=projects, metrics=metrics)
+    api_key = config.api_key()
+    retrain = RetrainManager(
+        config.models_dir,
+        trainer_policy(config),
+        lambda since: inbox.count_received_since(since.timestamp() if since else None),
+        environment={"KILI_API_KEY": api_key} if api_key else None,
+    )
+    return Service(
+        config=config, secret=secret, inbox=inbox, worker=worker, models=models, metrics=metrics, retrain=retrain
+    )

@@ -2,9 +2,9 @@
 
 ``BatchProcessor.process`` handles one batch of events with one asset query
 (content and current metadata of every asset of the batch), parallel image
-downloads, one model call and one write through ``KiliProject.write_results``,
-the writer the trainer uses, so both produce the same metadata for the same
-verdict. Kili and network errors are retried with exponential backoff
+downloads and one model call. It writes once through
+``KiliProject.write_results``, the writer the trainer uses, so both produce
+the same metadata for the same verdict. Kili and network errors are retried with exponential backoff
 (tenacity); the SDK's own retries run inside each attempt.
 
 ``Worker`` is the loop of the self-hosted service: it claims whatever is
@@ -16,7 +16,10 @@ that arrive while a batch is processed form the next batch.
 
 from __future__ import annotations
 
+import json
 import logging
+import queue
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -40,7 +43,12 @@ from .scorer import ScoreItem, Scored, score_items
 
 logger = logging.getLogger(__name__)
 
-ASSET_FIELDS = ["id", "externalId", "content", "jsonMetadata"]
+ASSET_PAGE_SIZE = 100  # Kili's page size for queries (kili.core.constants.QUERY_BATCH_SIZE)
+ASSETS_QUERY = """
+query assets($where: AssetWhere!, $first: PageSize!, $skip: Int!) {
+  data: assets(where: $where, skip: $skip, first: $first) { id externalId content jsonMetadata }
+}
+"""
 NO_MODEL_REASON = "no trained model version yet"
 NO_MODEL_VERSION = "none"
 
@@ -67,13 +75,14 @@ class PluginKiliProject(KiliProject):
     project before planning a write. The plugin already read the batch's
     assets in one query, so ``prime`` hands that state to the writer and the
     write plan, metadata merge, priorities, review and issues stay the
-    trainer's. The score key is declared as a number once per process.
+    trainer's. The score key is declared as a number once per process: shallow copies (one
+    per writer thread) share the ``threading.Event`` that records it.
     """
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._primed: dict[str, dict] | None = None
-        self._score_property_declared = False
+        self._score_property_declared = threading.Event()
 
     def prime(self, state: Mapping[str, dict], known: Mapping[str, _KnownAsset]) -> None:
         """Set the batch's asset state (metadata and label id per asset) for the next write."""
@@ -86,14 +95,18 @@ class PluginKiliProject(KiliProject):
         return self._primed
 
     def _declare_score_property(self) -> None:
-        if not self._score_property_declared:
+        if not self._score_property_declared.is_set():
             super()._declare_score_property()
-            self._score_property_declared = True
+            self._score_property_declared.set()
+
+    def declare_score_property(self) -> None:
+        """Declare the score key as a number in the project unless this process already did."""
+        self._declare_score_property()
 
 
 @dataclass
 class EventOutcome:
-    """How one event ended: its inbox status, a short outcome and the error if it failed."""
+    """Final state of one event: its inbox status, a short outcome and the error if it failed."""
 
     status: str
     outcome: str
@@ -106,6 +119,23 @@ class BatchReport:
 
     outcomes: dict[str, EventOutcome] = field(default_factory=dict)
     waiting: bool = False
+    milliseconds: dict[str, float] = field(default_factory=dict)  # time per step, for the log
+
+
+@dataclass
+class PreparedBatch:
+    """A scored batch waiting to be written: results, the assets' state and each event's outcome."""
+
+    results: list[AssetResult] = field(default_factory=list)
+    state: dict[str, dict] = field(default_factory=dict)
+    known: dict[str, _KnownAsset] = field(default_factory=dict)
+    outcomes: dict[str, EventOutcome] = field(default_factory=dict)  # final before the write (superseded, not found)
+    final: dict[str, EventOutcome] = field(default_factory=dict)  # final once the write succeeded
+    milliseconds: dict[str, float] = field(default_factory=dict)  # time per step: read, images, model
+
+    @property
+    def asset_ids(self) -> set[str]:
+        return set(self.state)
 
 
 class BatchProcessor:
@@ -132,7 +162,7 @@ class BatchProcessor:
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
 
-    def _retrying(self, what: str, function, *args):
+    def _retrying(self, description: str, function, *args):
         """Call ``function`` with the configured retries on Kili and network errors."""
         policy = self.config.retry
 
@@ -140,7 +170,7 @@ class BatchProcessor:
             if self.metrics is not None:
                 self.metrics.retries.inc()
             logger.warning("%s failed (attempt %d of %d), retrying: %s",
-                           what, state.attempt_number, policy.attempts, state.outcome.exception())
+                           description, state.attempt_number, policy.attempts, state.outcome.exception())
 
         retrying = Retrying(
             retry=retry_if_exception(is_retryable),
@@ -154,30 +184,38 @@ class BatchProcessor:
             return retrying(function, *args)
         except Exception as error:
             if is_retryable(error):
-                raise BatchError(f"{what} failed after {policy.attempts} attempts: {error}") from error
+                raise BatchError(f"{description} failed after {policy.attempts} attempts: {error}") from error
             raise
 
     def process(self, events: Sequence[Event]) -> BatchReport:
-        """Process one batch; raise ``BatchError`` when Kili stays unreachable."""
-        report = BatchReport()
+        """Process one batch with this processor's project; raise ``BatchError`` when Kili stays unreachable."""
+        prepared = self.prepare(events)
+        if isinstance(prepared, BatchReport):
+            return prepared
+        return self.write(prepared, self.project)
+
+    def prepare(self, events: Sequence[Event]) -> PreparedBatch | BatchReport:
+        """Read the batch's assets in one query and score them; return a waiting report when no model exists."""
         version = self.models.current()
         if version is None and self.config.no_model == "wait":
-            report.waiting = True
-            return report
+            return BatchReport(waiting=True)
 
+        prepared = PreparedBatch()
         latest = _latest_per_asset(events)
         for event in events:
             if latest[event.asset_id] is not event:
-                report.outcomes[event.label_id] = EventOutcome(
+                prepared.outcomes[event.label_id] = EventOutcome(
                     DONE, f"superseded by label {latest[event.asset_id].label_id} in the same batch")
         current = list(latest.values())
         asset_ids = [event.asset_id for event in current]
 
+        started = time.monotonic()
         records = self._retrying(f"the asset query of {len(asset_ids)} assets", self._read_assets, asset_ids)
+        prepared.milliseconds["read"] = (time.monotonic() - started) * 1000
         found = [event for event in current if event.asset_id in records]
         for event in current:
             if event.asset_id not in records:
-                report.outcomes[event.label_id] = EventOutcome(
+                prepared.outcomes[event.label_id] = EventOutcome(
                     FAILED, "asset not found",
                     f"asset {event.asset_id} is not in project {self.project.project_id} or this API key cannot read it")
 
@@ -185,29 +223,57 @@ class BatchProcessor:
             scored = [Scored(event.asset_id, reason=NO_MODEL_REASON) for event in found]
             version_name = NO_MODEL_VERSION
         else:
+            started = time.monotonic()
             images = self._download([records[event.asset_id].get("content") or "" for event in found])
+            prepared.milliseconds["download"] = (time.monotonic() - started) * 1000
+            started = time.monotonic()
             items = [ScoreItem(event.asset_id, event.label, image=data, image_error=error)
                      for event, (data, error) in zip(found, images)]
             scored = score_items(version, self.project.job, items, executor=self.executor)
+            prepared.milliseconds["decode and model"] = (time.monotonic() - started) * 1000
             version_name = version.name
 
-        results = self._results(scored, version_name)
-        state = {event.asset_id: {"metadata": dict(records[event.asset_id].get("jsonMetadata") or {}),
-                                  "label_id": event.label_id} for event in found}
-        known = {result.asset_id: _KnownAsset(content=records[result.asset_id].get("content") or "",
-                                              metadata=state[result.asset_id]["metadata"],
-                                              label_id=state[result.asset_id]["label_id"],
-                                              category=result.category or "")
-                 for result in scored if result.category}
-        self._retrying(f"the write of {len(results)} results", self._write, results, state, known)
-
+        prepared.results = self._results(scored, version_name)
+        prepared.state = {event.asset_id: {"metadata": dict(records[event.asset_id].get("jsonMetadata") or {}),
+                                           "label_id": event.label_id} for event in found}
+        prepared.known = {
+            result.asset_id: _KnownAsset(content=records[result.asset_id].get("content") or "",
+                                         metadata=prepared.state[result.asset_id]["metadata"],
+                                         label_id=prepared.state[result.asset_id]["label_id"],
+                                         category=result.category or "")
+            for result in scored if result.category
+        }
         for event, result in zip(found, scored):
-            report.outcomes[event.label_id] = _event_outcome(result, version is None)
-        return report
+            prepared.final[event.label_id] = _event_outcome(result, version is None)
+        return prepared
+
+    def write(self, prepared: PreparedBatch, project: PluginKiliProject) -> BatchReport:
+        """Write a prepared batch through ``project`` (one per thread); return each event's outcome."""
+        started = time.monotonic()
+        self._retrying(f"the write of {len(prepared.results)} results", self._write,
+                       project, prepared.results, prepared.state, prepared.known)
+        milliseconds = {**prepared.milliseconds, "write": (time.monotonic() - started) * 1000}
+        return BatchReport(outcomes={**prepared.outcomes, **prepared.final}, milliseconds=milliseconds)
 
     def _read_assets(self, asset_ids: Sequence[str]) -> dict[str, dict]:
+        """Return the content URL and current metadata of each asset, one GraphQL call per 100 assets.
+
+        ``kili.assets()`` (kili 26.2.4) sends three calls for any read: the workflow version, a
+        count and the page. The page query alone has the shape of the SDK's own
+        (``kili/adapters/kili_api_gateway/asset/operations.py``) and goes through the same client,
+        so it gets the SDK's retries and rate limit.
+        """
         gateway = self.project.gateway
-        return {record["id"]: record for record in gateway.iter_assets(self.project.project_id, ASSET_FIELDS, asset_ids)}
+        records: dict[str, dict] = {}
+        for start in range(0, len(asset_ids), ASSET_PAGE_SIZE):
+            page = list(asset_ids[start : start + ASSET_PAGE_SIZE])
+            variables = {"where": {"project": {"id": self.project.project_id}, "idIn": page},
+                         "first": len(page), "skip": 0}
+            result = gateway._call(f"the asset query of project {self.project.project_id!r}",
+                                   gateway.kili.graphql_client.execute, ASSETS_QUERY, variables)
+            for record in result["data"]:
+                records[record["id"]] = {**record, "jsonMetadata": _metadata_dict(record.get("jsonMetadata"))}
+        return records
 
     def _download(self, urls: Sequence[str]) -> list[tuple[bytes | None, str | None]]:
         def fetch(url: str) -> tuple[bytes | None, str | None]:
@@ -235,13 +301,27 @@ class BatchProcessor:
             results.append(AssetResult(asset_id=result.asset_id, metadata=metadata, priority=priority))
         return results
 
-    def _write(self, results: Sequence[AssetResult], state: Mapping[str, dict], known: Mapping[str, _KnownAsset]) -> None:
+    def _write(self, project: PluginKiliProject, results: Sequence[AssetResult], state: Mapping[str, dict],
+               known: Mapping[str, _KnownAsset]) -> None:
         if not results:
             return
-        self.project.prime(state, known)
-        summary = self.project.write_results(results)
+        project.prime(state, known)
+        summary = project.write_results(results)
         if summary.failed:
             raise KiliApiError(f"the metadata write of {summary.failed} assets failed: {'; '.join(summary.errors)}")
+
+
+def _metadata_dict(value: object) -> dict:
+    """Decode an asset's ``jsonMetadata``, which Kili returns as a JSON string; invalid JSON gives {} as in the SDK."""
+    if isinstance(value, dict):
+        return value
+    if not isinstance(value, str) or not value.strip():
+        return {}
+    try:
+        decoded = json.loads(value)
+    except json.JSONDecodeError:
+        return {}
+    return decoded if isinstance(decoded, dict) else {}
 
 
 def _latest_per_asset(events: Sequence[Event]) -> dict[str, Event]:
@@ -274,7 +354,16 @@ def _kind(outcome: EventOutcome) -> str:
 
 
 class Worker(threading.Thread):
-    """The service's processing loop over the inbox."""
+    """The service's processing loop over the inbox.
+
+    The loop thread claims and scores batches; writes run on up to
+    ``write_workers`` writer threads, each with its own ``PluginKiliProject``.
+    The SDK pauses about 1 s after each mutation batch (kili 26.2.4,
+    ``mutate_from_paginated_call``), so the next batch is read and scored
+    while earlier writes finish. A batch never takes an event of an asset
+    that an unfinished batch is writing, so the writes of one asset stay in
+    order and each reads the metadata that the previous one wrote.
+    """
 
     def __init__(
         self,
@@ -282,6 +371,7 @@ class Worker(threading.Thread):
         processor: BatchProcessor,
         *,
         max_batch_size: int,
+        projects: Sequence[PluginKiliProject] | None = None,
         metrics: ServiceMetrics | None = None,
         idle_poll_seconds: float = 1.0,
         no_model_poll_seconds: float = 2.0,
@@ -294,6 +384,14 @@ class Worker(threading.Thread):
         self.idle_poll_seconds = idle_poll_seconds
         self.no_model_poll_seconds = no_model_poll_seconds
         self.last_error: str | None = None
+        writer_projects = list(projects or [processor.project])
+        self._projects: queue.SimpleQueue[PluginKiliProject] = queue.SimpleQueue()
+        for project in writer_projects:
+            self._projects.put(project)
+        self._slots = threading.Semaphore(len(writer_projects))
+        self._writers = ThreadPoolExecutor(max_workers=len(writer_projects), thread_name_prefix="kle-writer")
+        self._in_flight: set[str] = set()  # asset ids of batches being written
+        self._in_flight_lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._waiting_logged = False
@@ -303,10 +401,12 @@ class Worker(threading.Thread):
         self._wake.set()
 
     def stop(self, timeout: float | None = 30.0) -> None:
+        """Stop claiming batches and wait for the running writes to finish."""
         self._stopping.set()
         self._wake.set()
         if self.is_alive():
             self.join(timeout)
+        self._writers.shutdown(wait=True)
 
     def run(self) -> None:
         recovered = self.inbox.recover()
@@ -315,27 +415,37 @@ class Worker(threading.Thread):
         logger.info("Worker started: batches of up to %d events", self.max_batch_size)
         while not self._stopping.is_set():
             self._wake.clear()
-            batch = self.inbox.claim_batch(self.max_batch_size)
+            if not self._slots.acquire(timeout=self.idle_poll_seconds):
+                continue
+            with self._in_flight_lock:
+                busy = set(self._in_flight)
+            try:
+                batch = self.inbox.claim_batch(self.max_batch_size, exclude_asset_ids=busy)
+            except sqlite3.Error as error:
+                self._slots.release()
+                self.last_error = f"inbox {self.inbox.path}: {error}"
+                logger.error("Claiming events from the inbox %s failed, retrying in 1 s: %s", self.inbox.path, error)
+                self._stopping.wait(1.0)
+                continue
             if not batch:
+                self._slots.release()
                 self._wake.wait(self.idle_poll_seconds)
                 continue
             self.run_batch(batch)
         logger.info("Worker stopped")
 
     def run_batch(self, batch: Sequence[Event]) -> None:
+        """Score a claimed batch and hand it to a writer thread; the caller has acquired one writer slot."""
         started = time.monotonic()
         label_ids = [event.label_id for event in batch]
         try:
-            report = self.processor.process(batch)
+            prepared = self.processor.prepare(batch)
         except Exception as error:  # noqa: BLE001  (any failure must end the batch's events, never the loop)
-            self.last_error = f"{type(error).__name__}: {error}"
-            logger.error("Batch of %d events (labels %s) failed: %s", len(batch), ", ".join(label_ids[:5]), error,
-                         exc_info=not isinstance(error, BatchError))
-            self.inbox.finish(label_ids, FAILED, outcome="failed", error=str(error))
-            if self.metrics is not None:
-                self.metrics.failed.inc(len(batch))
+            self._fail(batch, error)
+            self._slots.release()
             return
-        if report.waiting:
+        if isinstance(prepared, BatchReport):  # no model version yet: the events wait
+            self._slots.release()
             self.inbox.release(label_ids)
             if not self._waiting_logged:
                 logger.warning("No model version in %s yet: %d events wait in the inbox until one is trained",
@@ -344,7 +454,34 @@ class Worker(threading.Thread):
             self._stopping.wait(self.no_model_poll_seconds)
             return
         self._waiting_logged = False
-        self._record(batch, report, started)
+        assets = {event.asset_id for event in batch}
+        with self._in_flight_lock:
+            self._in_flight |= assets
+        self._writers.submit(self._write, batch, prepared, assets, started)
+
+    def _write(self, batch: Sequence[Event], prepared: PreparedBatch, assets: set[str], started: float) -> None:
+        project = self._projects.get()
+        try:
+            report = self.processor.write(prepared, project)
+        except Exception as error:  # noqa: BLE001  (a writer thread must record the failure, never die)
+            self._fail(batch, error)
+        else:
+            self._record(batch, report, started)
+        finally:
+            self._projects.put(project)
+            with self._in_flight_lock:
+                self._in_flight -= assets
+            self._slots.release()
+            self._wake.set()  # events of these assets may have been left for later
+
+    def _fail(self, batch: Sequence[Event], error: Exception) -> None:
+        label_ids = [event.label_id for event in batch]
+        self.last_error = f"{type(error).__name__}: {error}"
+        logger.error("Batch of %d events (labels %s) failed: %s", len(batch), ", ".join(label_ids[:5]), error,
+                     exc_info=not isinstance(error, BatchError))
+        self.inbox.finish(label_ids, FAILED, outcome="failed", error=str(error))
+        if self.metrics is not None:
+            self.metrics.failed.inc(len(batch))
 
     def _record(self, batch: Sequence[Event], report: BatchReport, started: float) -> None:
         by_status: dict[tuple[str, str, str | None], list[str]] = {}
@@ -369,8 +506,10 @@ class Worker(threading.Thread):
                 self.metrics.observe_latency(now - event.received_at)
         if self.metrics is not None:
             self.metrics.batch_size.observe(len(batch))
-        logger.info("Processed a batch of %d events in %.0f ms: %s", len(batch),
-                    (time.monotonic() - started) * 1000, ", ".join(f"{key} {value}" for key, value in sorted(counts.items())))
+        steps = ", ".join(f"{step} {value:.0f}" for step, value in report.milliseconds.items())
+        logger.info("Processed a batch of %d events in %.0f ms (%s ms): %s", len(batch),
+                    (time.monotonic() - started) * 1000, steps,
+                    ", ".join(f"{key} {value}" for key, value in sorted(counts.items())))
 
     def _count(self, outcome: EventOutcome) -> None:
         if outcome.status == FAILED:

@@ -190,3 +190,26 @@ def test_retrain_clears_flag_of_fixed_label(tmp_path):
     assert stored[fixed]["label_error_flagged"] is False
     assert stored[fixed]["label_error_model_version"] == "v0002"
     assert second.write_summary.written < len(truth)
+
+
+def test_cli_retrain_runs_trainer(tmp_path, capsys):
+    from projects import write_digits_project
+    from training.cli import main
+
+    write_digits_project(tmp_path / "data", per_class=20, classes=(0, 1), flip_fraction=0.1)
+
+    code = main(["retrain", "--models-dir", str(tmp_path / "models"), "--", "--data", str(tmp_path / "data"), "--folds", "3"])
+
+    output = capsys.readouterr().out
+    assert code == 0, (tmp_path / "models" / "retrain.log").read_text()[-2000:]
+    assert "retrain succeeded: version None -> v0001" in output
+    assert (tmp_path / "models" / CURRENT).read_text().strip() == "v0001"
+
+
+def test_cli_retrain_without_project_names_fix(tmp_path, capsys):
+    from training.cli import main
+
+    code = main(["retrain", "--models-dir", str(tmp_path)])
+
+    assert code == 2
+    assert "pass --config plugin_config.json, or train options after --" in capsys.readouterr().err

@@ -109,6 +109,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser.add_argument("--seed", type=int, default=0, help="seed of the label flips (default: %(default)s)")
     demo_parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
+    retrain_parser = commands.add_parser(
+        "retrain", help="run one full retrain now, in a child process, unless one is already running",
+        description="Run one full retrain of the project in a child process and wait for it. With --config, "
+        "the plugin configuration names the project, the models folder and the retrain policy (an external "
+        "command or extra train options); without it, the options after -- are passed to `train`. Exit codes: "
+        "0 succeeded, 1 failed (the current version stays in use), 3 another retrain is running.",
+    )
+    retrain_parser.add_argument("--config", metavar="PATH", help="plugin configuration file")
+    retrain_parser.add_argument("--models-dir", "--output", dest="models_dir", default=DEFAULT_MODELS_DIR, metavar="DIR",
+                                help="folder of the model versions, without --config (default: %(default)s)")
+    retrain_parser.add_argument("train_arguments", nargs=argparse.REMAINDER, metavar="-- TRAIN OPTIONS",
+                                help="options for `train` after --, for example -- --data images/")
+
     versions_parser = commands.add_parser("versions", help="list the model versions with their metrics")
     versions_parser.add_argument("--models-dir", "--output", dest="models_dir", default=DEFAULT_MODELS_DIR, metavar="DIR", help="folder of the model versions (default: %(default)s)")
 
@@ -264,6 +277,41 @@ def run_demo(args: argparse.Namespace) -> int:
     return demo(Path(args.output), noise=args.noise, seed=args.seed, progress=not args.no_progress)
 
 
+def run_retrain_command(args: argparse.Namespace) -> int:
+    from plugin.retrain_policy import RetrainPolicy
+
+    from .retrain import RetrainAlreadyRunning, run_retrain
+
+    extra = [part for part in args.train_arguments if part != "--"]
+    environment = None
+    if args.config:
+        from plugin.config import load_config
+        from plugin.retraining import trainer_policy
+
+        config = load_config(args.config)
+        policy = trainer_policy(config)
+        if extra:
+            policy = RetrainPolicy(**{**policy.__dict__, "train_arguments": [*policy.train_arguments, *extra]})
+        models_dir = config.models_dir
+        api_key = config.api_key()
+        environment = {"KILI_API_KEY": api_key} if api_key else None
+    else:
+        if not extra:
+            raise ValueError("name the project: pass --config plugin_config.json, or train options after --, "
+                             "for example `kili-label-errors retrain -- --data images/`")
+        policy = RetrainPolicy(train_arguments=extra)
+        models_dir = Path(args.models_dir)
+    try:
+        status = run_retrain(models_dir, policy, reason="requested from the command line", environment=environment)
+    except RetrainAlreadyRunning as error:
+        print(f"error: {error}; wait for it to finish", file=sys.stderr)
+        return 3
+    print(f"retrain {status.state}: version {status.version_before} -> {status.version_after} (log: {status.log})")
+    if status.error:
+        print(f"error: {status.error}", file=sys.stderr)
+    return 0 if status.state == "succeeded" else 1
+
+
 def run_versions(args: argparse.Namespace) -> int:
     from .versions import describe_versions
 
@@ -340,7 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     from .sources.base import SourceError
 
     handlers = {"train": run_train, "report": run_report, "clear": run_clear, "demo": run_demo,
-                "serve": run_serve, "deploy": run_deploy, "versions": run_versions, "rollback": run_rollback}
+                "serve": run_serve, "deploy": run_deploy, "versions": run_versions, "rollback": run_rollback,
+                "retrain": run_retrain_command}
     try:
         return handlers[args.command](args)
     except (SourceError, ValueError, FileNotFoundError) as error:

@@ -18,11 +18,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
-from datetime import datetime, timedelta, timezone
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 from plugin.model_version import CURRENT
+from plugin.retrain_policy import RetrainPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -38,55 +39,6 @@ class RetrainAlreadyRunning(RuntimeError):
         super().__init__(f"a retrain is already running (started {started_at}, pid {pid})")
         self.started_at = started_at
         self.pid = pid
-
-
-@dataclass(frozen=True)
-class RetrainPolicy:
-    """When to retrain; both triggers are optional."""
-
-    after_labels: int | None = None
-    after_hours: float | None = None
-    command: list[str] | None = None  # run instead of the local trainer
-    wait_for_version_seconds: float = 6 * 3600.0  # how long to wait for an external command's version
-    train_arguments: list[str] = field(default_factory=list)  # extra `train` options for the local trainer
-
-    @classmethod
-    def from_dict(cls, data: dict | None, *, key: str = "retrain") -> "RetrainPolicy":
-        """Build a policy from the configuration; errors name the key and the expected value."""
-        data = dict(data or {})
-        unknown = set(data) - {"after_labels", "after_hours", "command", "wait_for_version_seconds", "train_arguments"}
-        if unknown:
-            raise ValueError(f"{key}: unknown keys {sorted(unknown)}; expected after_labels, after_hours, command, wait_for_version_seconds, train_arguments")
-        after_labels = data.get("after_labels")
-        if after_labels is not None and (not isinstance(after_labels, int) or isinstance(after_labels, bool) or after_labels < 1):
-            raise ValueError(f"{key}.after_labels is {after_labels!r}; expected a positive integer or null")
-        after_hours = data.get("after_hours")
-        if after_hours is not None and (not isinstance(after_hours, (int, float)) or isinstance(after_hours, bool) or after_hours <= 0):
-            raise ValueError(f"{key}.after_hours is {after_hours!r}; expected a positive number of hours or null")
-        command = data.get("command")
-        if command is not None and (not isinstance(command, list) or not command or not all(isinstance(part, str) for part in command)):
-            raise ValueError(f"{key}.command is {command!r}; expected a list of strings such as [\"ssh\", \"gpu-node\", \"./train.sh\"] or null")
-        arguments = data.get("train_arguments", [])
-        if not isinstance(arguments, list) or not all(isinstance(part, str) for part in arguments):
-            raise ValueError(f"{key}.train_arguments is {arguments!r}; expected a list of strings such as [\"--folds\", \"4\"]")
-        wait = data.get("wait_for_version_seconds", 6 * 3600.0)
-        if not isinstance(wait, (int, float)) or wait <= 0:
-            raise ValueError(f"{key}.wait_for_version_seconds is {wait!r}; expected a positive number of seconds")
-        return cls(after_labels, float(after_hours) if after_hours is not None else None, command, float(wait), arguments)
-
-    def due(self, new_labels: int, version_created_at: datetime | None, now: datetime) -> str | None:
-        """Return why a retrain is due now, or None when it is not."""
-        if new_labels < 1:
-            return None
-        if self.after_labels is not None and new_labels >= self.after_labels:
-            return f"{new_labels} new labels (threshold {self.after_labels})"
-        if self.after_hours is not None:
-            if version_created_at is None:
-                return "no model version yet"
-            age = now - version_created_at
-            if age >= timedelta(hours=self.after_hours):
-                return f"{new_labels} new labels and the version is {age.total_seconds() / 3600:.1f} h old (threshold {self.after_hours} h)"
-        return None
 
 
 @dataclass
@@ -184,10 +136,13 @@ def run_retrain(
     reason: str = "requested",
     on_start: Callable[[RetrainStatus], None] | None = None,
     poll_seconds: float = 2.0,
+    environment: dict[str, str] | None = None,
 ) -> RetrainStatus:
     """Run one retrain to completion under the lock and record its status.
 
-    Raises ``RetrainAlreadyRunning`` when another retrain holds the lock. A
+    ``environment`` adds variables to the child's environment (for example
+    the API key, so it never appears on a command line). Raises
+    ``RetrainAlreadyRunning`` when another retrain holds the lock. A
     failed or interrupted run leaves the current version in place: the
     trainer only switches ``CURRENT`` after a complete version is written.
     """
@@ -199,7 +154,10 @@ def run_retrain(
         log_path = models_dir / LOG_FILE
         status = RetrainStatus(state="running", started_at=_now(), reason=reason, version_before=before, log=str(log_path))
         with open(log_path, "w", encoding="utf-8") as log:
-            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=os.getcwd())
+            process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, cwd=os.getcwd(),
+                env={**os.environ, **(environment or {})},
+            )
             status.pid = process.pid
             _write_status(models_dir, status)
             logger.info("Retrain started (pid %d, reason: %s), log in %s", process.pid, reason, log_path)
@@ -234,7 +192,9 @@ def _wait_for_new_version(models_dir: Path, before: str | None, timeout: float, 
 
 def _failure_reason(status: RetrainStatus, log_path: Path, external: bool) -> str:
     if status.exit_code not in (0, None):
-        tail = log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-1:] if log_path.is_file() else []
+        tail = []
+        if log_path.is_file():
+            tail = log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-1:]
         return f"exit code {status.exit_code}" + (f": {tail[0]}" if tail else "")
     if external:
         return "the command finished but no new model version appeared in time"

@@ -32,23 +32,24 @@ requests to ``target`` (a GraphQL root field such as ``"assets"``, or
 ``graphql_error_next(field, message, code=..., times=1)`` returns a
 GraphQL error instead; ``declined`` and ``failed`` are sets of asset ids that
 the asset actions (``setAssetsPriority``, ``addAssetsToReview``) report as
-declined or failed; ``delay(target, seconds)`` holds every later request to
-``target`` for that long before resolving it (0 removes the delay).
+declined or failed. ``delay(target, seconds)`` delays every later request to
+``target`` by that many seconds before resolving it (0 removes the delay).
 
 Plugins and webhooks: ``createWebhook``, ``updateWebhook``, ``listPlugins``,
 ``activatePluginOnProject`` and the hosted-plugin upload (``createPlugin`` or
 ``generateUpdateUrl`` returning an upload URL on this server, ``PUT`` of the
 zip, ``createPluginRunner`` / ``updatePluginRunner``,
-``getPluginRunnerStatus`` answering ``ACTIVE`` once a zip arrived).
+``getPluginRunnerStatus`` returning ``ACTIVE`` once a zip arrived).
 ``plugins`` maps each name to a dict with ``kind`` ("webhook" or "hosted"),
 ``webhookUrl``, ``header``, ``handlerTypes``, ``projectIds`` and, for a hosted
 plugin, the uploaded ``archive`` bytes. A second activation on the same
 project returns Kili's "already exists" error.
 
 Routes: ``POST /api/label/v2/graphql`` (GraphQL, also the raw ``viewer`` key
-check) and ``GET``/``HEAD /api/label/v2/files?id=<file id>`` (image bytes).
-Every route requires ``Authorization: X-API-Key: <key>`` with a key from
-``api_keys``; anything else gets HTTP 401. Errors follow the shape that the
+check), ``GET``/``HEAD /api/label/v2/files?id=<file id>`` (image bytes) and
+``PUT /api/label/v2/uploads?plugin=<name>`` (a hosted plugin's zip, without a key).
+Every route except the upload requires ``Authorization: X-API-Key: <key>``
+with a key from ``api_keys``; anything else gets HTTP 401. Errors follow the shape that the
 SDK expects: ``{"errors": [{"message": ..., "extensions": {"code": ...}}]}``.
 """
 
@@ -288,7 +289,7 @@ class FakeKili:
             self._graphql_errors.setdefault(target, []).extend([(message, code)] * times)
 
     def delay(self, target: str, seconds: float) -> None:
-        """Hold every later request to ``target`` (a GraphQL root field) ``seconds`` before answering it."""
+        """Delay every later request to ``target`` (a GraphQL root field) by ``seconds`` before responding."""
         with self._lock:
             self._delays[target] = seconds
 
@@ -467,6 +468,9 @@ class _Server(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     server_state: FakeKili
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in separate writes. With Nagle's algorithm on, a kept-alive
+    # client's delayed ACK would hold each body back by about 40 ms.
+    disable_nagle_algorithm = True
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002  (silence the default stderr log)
         return
