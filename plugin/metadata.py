@@ -23,6 +23,8 @@ MODEL_VERSION = "model_version"
 SCORED_AT = "scored_at"
 STATUS = "status"
 OWNED_KEYS = (SCORE, FLAGGED, SUGGESTED_LABEL, MODEL_VERSION, SCORED_AT, STATUS)
+# A smaller change of the score alone does not rewrite an asset.
+SCORE_TOLERANCE = 0.01
 # Keys that do not change the verdict: a rewrite is skipped when only these
 # differ, so a retrain writes only the assets whose verdict changed and the
 # stored version and time are those of the run that gave the current verdict.
@@ -104,10 +106,22 @@ def clear_metadata(current: Mapping[str, object] | None, *, prefix: str = DEFAUL
 def metadata_changed(
     current: Mapping[str, object] | None, merged: Mapping[str, object], *, prefix: str = DEFAULT_KEY_PREFIX
 ) -> bool:
-    """Tell whether writing ``merged`` would change anything but the volatile keys."""
+    """Tell whether writing ``merged`` would change the verdict stored in ``current``.
+
+    The volatile keys are ignored, and a score that moved by less than
+    ``SCORE_TOLERANCE`` counts as unchanged: every retrain shifts most scores
+    slightly, and rewriting every asset of a large project for that would
+    cost far more Kili calls than it is worth.
+    """
     volatile = {prefix + key for key in VOLATILE_KEYS}
+    score_key = prefix + SCORE
 
     def stable(data: Mapping[str, object] | None) -> dict:
-        return {key: value for key, value in (data or {}).items() if key not in volatile}
+        return {key: value for key, value in (data or {}).items() if key not in volatile and key != score_key}
 
-    return stable(current) != stable(merged)
+    if stable(current) != stable(merged):
+        return True
+    before, after = (current or {}).get(score_key), merged.get(score_key)
+    if isinstance(before, (int, float)) and isinstance(after, (int, float)):
+        return abs(float(before) - float(after)) >= SCORE_TOLERANCE
+    return before != after

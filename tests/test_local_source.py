@@ -133,3 +133,15 @@ def test_unwritable_results_db_gives_fix(tmp_path):
 
     with pytest.raises(SourceError, match="pass --results-db PATH"):
         project.write_results([result_for("cat/img_0.png", 0.1, True)])
+
+
+def test_small_score_change_is_not_rewritten(tmp_path):
+    project = LocalProject(make_folder(tmp_path / "data", {"cat": 1, "dog": 1}))
+    project.write_results([result_for("cat/img_0.png", 0.500, False)])
+
+    nudged = project.write_results([result_for("cat/img_0.png", 0.505, False, version="v0002")])
+    moved = project.write_results([result_for("cat/img_0.png", 0.600, False, version="v0002")])
+
+    assert nudged.written == 0
+    assert moved.written == 1
+    assert project.read_results()["cat/img_0.png"]["label_error_score"] == pytest.approx(0.6)

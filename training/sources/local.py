@@ -174,11 +174,12 @@ class LocalProject(ProjectSource):
         summary = WriteSummary(dry_run=dry_run)
         current = self.read_results()
         priorities = self.read_priorities()
+        # The priority follows from the metadata, so it is rewritten with it.
         changed = [
             result
             for result in results
             if metadata_changed(current.get(result.asset_id), dict(result.metadata))
-            or priorities.get(result.asset_id) != result.priority
+            or result.asset_id not in priorities
         ]
         summary.unchanged = len(results) - len(changed)
         if dry_run:
