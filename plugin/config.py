@@ -102,7 +102,7 @@ class PluginConfig:
             raise ConfigError(
                 f"the webhook secret is missing: environment variable {self.secret_env} (named by "
                 f"\"secret_env\" in the plugin configuration) is unset or empty; set it to the secret "
-                "that `kili-label-errors deploy` gave Kili"
+                "you chose for the webhook (the value `kili-label-errors deploy` sends to Kili from the same variable)"
             )
         return value
 

@@ -17,7 +17,15 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
-from training.retrain import RetrainAlreadyRunning, RetrainLock, RetrainStatus, read_status, run_retrain
+from training.retrain import (
+    RetrainAlreadyRunning,
+    RetrainLock,
+    RetrainStatus,
+    is_running,
+    read_status,
+    run_retrain,
+    write_status,
+)
 
 from .model_version import MANIFEST, ModelVersionError, current_version_dir
 from .retrain_policy import RetrainPolicy
@@ -48,6 +56,30 @@ class RetrainManager:
         self.environment = environment or {}
         self._thread: threading.Thread | None = None
         self._guard = threading.Lock()
+        self._mark_interrupted()
+
+    def _mark_interrupted(self) -> None:
+        """Record as failed a retrain that a stopped service left marked as running."""
+        status = read_status(self.models_dir)
+        if status.state == "running" and not is_running(self.models_dir):
+            status.state = "failed"
+            status.error = "interrupted: the service stopped before the retrain finished"
+            status.finished_at = status.finished_at or utc_now().isoformat(timespec="seconds")
+            write_status(self.models_dir, status)
+            logger.warning("The last retrain (started %s) was interrupted; marked as failed", status.started_at)
+
+    def counted_since(self) -> datetime | None:
+        """Return the time new labels and the version's age are counted from.
+
+        That is the later of the version's creation and the last retrain's
+        start, so a retrain that finds nothing to change, fails, or is
+        followed by a rollback does not trigger another one at once.
+        """
+        created_at = self.version_created_at()
+        started = read_status(self.models_dir).started_at
+        last_start = datetime.fromisoformat(started) if started else None
+        moments = [moment for moment in (created_at, last_start) if moment is not None]
+        return max(moments) if moments else None
 
     def version_created_at(self) -> datetime | None:
         """Return when the version in use was written, or None when there is none."""
@@ -71,7 +103,7 @@ class RetrainManager:
         """Return the last retrain's status, with the new-label count and whether one runs now."""
         status = asdict(read_status(self.models_dir))
         status["running"] = self.running()
-        status["new_labels"] = self.count_new_labels(self.version_created_at())
+        status["new_labels"] = self.count_new_labels(self.counted_since())
         return status
 
     def request(self, reason: str = "requested") -> RetrainStatus:
@@ -112,8 +144,8 @@ class RetrainManager:
         """Start a retrain when the policy makes one due; return the reason, or None."""
         if self.running() or not self.has_triggers():
             return None
-        created_at = self.version_created_at()
-        reason = self.policy.due(self.count_new_labels(created_at), created_at, self.clock())
+        since = self.counted_since()
+        reason = self.policy.due(self.count_new_labels(since), since, self.clock())
         if reason is None:
             return None
         try:

@@ -200,7 +200,8 @@ def create_app(service: Service) -> FastAPI:
 
     @app.get("/health")
     def health() -> JSONResponse:
-        version = service.models.version
+        # Loads a version that became current since the last batch, so the answer is up to date.
+        version = service.models.current()
         last_error = service.worker.last_error or service.models.last_error
         return JSONResponse({
             "status": "ok" if version is not None and service.worker.is_alive() else "degraded",

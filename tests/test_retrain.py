@@ -50,7 +50,7 @@ def test_policy_rejects_invalid_values(data, message):
 
 def test_lock_allows_one_retrain(tmp_path):
     with RetrainLock(tmp_path):
-        with pytest.raises(RetrainAlreadyRunning, match="already running \\(started 20"):
+        with pytest.raises(RetrainAlreadyRunning, match="already running on this models folder \\(started 20"):
             RetrainLock(tmp_path).acquire()
 
     with RetrainLock(tmp_path):
@@ -213,3 +213,17 @@ def test_cli_retrain_without_project_names_fix(tmp_path, capsys):
 
     assert code == 2
     assert "pass --config plugin_config.json, or train options after --" in capsys.readouterr().err
+
+
+def test_manual_train_waits_for_running_one(tmp_path, capsys):
+    from projects import write_digits_project
+    from training.cli import main
+    from training.retrain import training_lock
+
+    write_digits_project(tmp_path / "data", per_class=10, classes=(0, 1), flip_fraction=0.0)
+
+    with training_lock(tmp_path / "models"):
+        code = main(["train", "--data", str(tmp_path / "data"), "--output", str(tmp_path / "models"), "--folds", "3"])
+
+    assert code == 3
+    assert "a training run is already running on this models folder" in capsys.readouterr().err

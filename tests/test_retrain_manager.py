@@ -91,3 +91,31 @@ def test_second_request_reports_start_time(tmp_path):
     assert first.state == "running"
     assert raised.value.started_at == first.started_at
     assert manager.status()["running"] is False
+
+
+def test_count_restarts_after_each_retrain(tmp_path):
+    from training.retrain import RetrainStatus, write_status
+
+    make_version(tmp_path)
+    last_start = CREATED + timedelta(hours=2)
+    write_status(tmp_path, RetrainStatus(state="succeeded", started_at=last_start.isoformat(), finished_at=last_start.isoformat()))
+    policy = RetrainPolicy(after_labels=5, after_hours=1, command=switching_command(tmp_path))
+    manager = RetrainManager(tmp_path, policy, lambda since: 7 if since == CREATED else 0,
+                             clock=lambda: last_start + timedelta(minutes=5))
+
+    assert manager.counted_since() == last_start
+    assert manager.check() is None
+    assert not manager.running()
+
+
+def test_interrupted_retrain_is_marked_failed(tmp_path):
+    from training.retrain import RetrainStatus, write_status
+
+    make_version(tmp_path)
+    write_status(tmp_path, RetrainStatus(state="running", started_at=CREATED.isoformat(), pid=999999))
+
+    RetrainManager(tmp_path, RetrainPolicy(), lambda since: 0)
+
+    status = read_status(tmp_path)
+    assert status.state == "failed"
+    assert status.error.startswith("interrupted")

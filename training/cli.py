@@ -206,7 +206,13 @@ def run_train(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         keep_versions=args.keep_versions,
     )
-    result = train(source, config)
+    from .retrain import RetrainAlreadyRunning
+
+    try:
+        result = train(source, config)
+    except RetrainAlreadyRunning as error:
+        print(f"error: {error}; wait for it to finish or use another --output", file=sys.stderr)
+        return 3
     print_summary(result, dry_run=args.dry_run)
     if args.report:
         from .report import render_report

@@ -27,6 +27,7 @@ from .heads import HEAD_C, SCREEN_C, as_torch_module
 from .images import ImageCache, load_images
 from .onnx_export import export_onnx
 from .sources.base import AssetResult, ProjectSource, SourceError, WriteSummary
+from .retrain import training_lock
 from .versions import VersionWriter, prune_versions, remove_stale_temporaries
 
 logger = logging.getLogger(__name__)
@@ -125,7 +126,17 @@ class _Run:
 
 
 def train(source: ProjectSource, config: TrainConfig) -> TrainResult:
-    """Run cross-validated label-error detection on a project and export a version."""
+    """Run cross-validated label-error detection on a project and export a version.
+
+    Raises ``RetrainAlreadyRunning`` when another training run is writing
+    into the same models folder.
+    """
+    Path(config.models_dir).mkdir(parents=True, exist_ok=True)
+    with training_lock(Path(config.models_dir)):
+        return _train_locked(source, config)
+
+
+def _train_locked(source: ProjectSource, config: TrainConfig) -> TrainResult:
     run = _prepare(source, config)
 
     unchanged = _unchanged_version(run.models_dir, run.fingerprint)

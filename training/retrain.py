@@ -30,13 +30,14 @@ logger = logging.getLogger(__name__)
 LOCK_FILE = "retrain.lock"
 STATUS_FILE = "retrain_status.json"
 LOG_FILE = "retrain.log"
+TRAIN_LOCK_FILE = "train.lock"
 
 
 class RetrainAlreadyRunning(RuntimeError):
-    """Another retrain of the same models folder is running."""
+    """Another retrain (or training run) of the same models folder is running."""
 
-    def __init__(self, started_at: str, pid: int | None):
-        super().__init__(f"a retrain is already running (started {started_at}, pid {pid})")
+    def __init__(self, started_at: str, pid: int | None, what: str = "a retrain"):
+        super().__init__(f"{what} is already running on this models folder (started {started_at}, pid {pid})")
         self.started_at = started_at
         self.pid = pid
 
@@ -68,7 +69,7 @@ def read_status(models_dir: Path) -> RetrainStatus:
         return RetrainStatus()
 
 
-def _write_status(models_dir: Path, status: RetrainStatus) -> None:
+def write_status(models_dir: Path, status: RetrainStatus) -> None:
     path = Path(models_dir) / STATUS_FILE
     temporary = path.with_suffix(f".{os.getpid()}.tmp")
     temporary.write_text(json.dumps(asdict(status), indent=1), encoding="utf-8")
@@ -87,8 +88,9 @@ def _now() -> str:
 class RetrainLock:
     """An exclusive, non-blocking lock on a models folder, released by the OS if the holder dies."""
 
-    def __init__(self, models_dir: Path):
-        self.path = Path(models_dir) / LOCK_FILE
+    def __init__(self, models_dir: Path, filename: str = LOCK_FILE, what: str = "a retrain"):
+        self.path = Path(models_dir) / filename
+        self.what = what
         self.handle = None
 
     def acquire(self) -> None:
@@ -103,7 +105,7 @@ class RetrainLock:
             except json.JSONDecodeError:
                 holder = {}
             handle.close()
-            raise RetrainAlreadyRunning(holder.get("started_at", "unknown"), holder.get("pid")) from None
+            raise RetrainAlreadyRunning(holder.get("started_at", "unknown"), holder.get("pid"), self.what) from None
         handle.seek(0)
         handle.truncate()
         handle.write(json.dumps({"pid": os.getpid(), "started_at": _now()}))
@@ -122,6 +124,27 @@ class RetrainLock:
 
     def __exit__(self, *exc_info) -> None:
         self.release()
+
+
+def training_lock(models_dir: Path) -> RetrainLock:
+    """Return the lock that one training run holds while it writes into a models folder.
+
+    It keeps a run started by hand or by cron from writing beside the
+    service's retrain, whose start-up would otherwise delete the other run's
+    unfinished version as left over.
+    """
+    return RetrainLock(models_dir, TRAIN_LOCK_FILE, "a training run")
+
+
+def is_running(models_dir: Path) -> bool:
+    """Tell whether some process holds the retrain lock of a models folder."""
+    probe = RetrainLock(models_dir)
+    try:
+        probe.acquire()
+    except RetrainAlreadyRunning:
+        return True
+    probe.release()
+    return False
 
 
 def local_train_command(train_arguments: Sequence[str], models_dir: Path) -> list[str]:
@@ -159,7 +182,7 @@ def run_retrain(
                 env={**os.environ, **(environment or {})},
             )
             status.pid = process.pid
-            _write_status(models_dir, status)
+            write_status(models_dir, status)
             logger.info("Retrain started (pid %d, reason: %s), log in %s", process.pid, reason, log_path)
             if on_start is not None:
                 on_start(status)
@@ -176,7 +199,7 @@ def run_retrain(
             status.state = "failed"
             status.error = _failure_reason(status, log_path, external)
             logger.error("Retrain failed: %s; version %s stays in use", status.error, before)
-        _write_status(models_dir, status)
+        write_status(models_dir, status)
         logger.info("Retrain finished: %s (version %s -> %s)", status.state, before, status.version_after)
         return status
 
