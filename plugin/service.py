@@ -163,10 +163,12 @@ def create_app(service: Service) -> FastAPI:
         try:
             raw = await read_limited(request, config.max_body_bytes)
         except BodyTooLarge:
+            logger.warning("Rejected a webhook call over %d bytes with 413", config.max_body_bytes)
             return reject(413, f"body larger than {config.max_body_bytes} bytes (max_body_bytes in the plugin configuration)")
         try:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            logger.warning("Rejected a webhook call whose body is not valid JSON: %s", error)
             return reject(422, f"the body is not valid JSON: {error}")
         try:
             event = parse_event(body, config.project_id)
