@@ -25,9 +25,9 @@ STATUS = "status"
 OWNED_KEYS = (SCORE, FLAGGED, SUGGESTED_LABEL, MODEL_VERSION, SCORED_AT, STATUS)
 # A smaller change of the score alone does not rewrite an asset.
 SCORE_TOLERANCE = 0.01
-# Keys that do not change the verdict: a rewrite is skipped when only these
-# differ, so a retrain writes only the assets whose verdict changed and the
-# stored version and time are those of the run that gave the current verdict.
+# Keys that do not change the verdict. A rewrite is skipped when only these
+# differ, so a retrain writes only the assets whose verdict changed. The
+# stored version and time are then those of the run that gave the verdict.
 VOLATILE_KEYS = (SCORED_AT, MODEL_VERSION)
 
 
@@ -109,9 +109,9 @@ def metadata_changed(
     """Tell whether writing ``merged`` would change the verdict stored in ``current``.
 
     The volatile keys are ignored, and a score that moved by less than
-    ``SCORE_TOLERANCE`` counts as unchanged: every retrain shifts most scores
+    ``SCORE_TOLERANCE`` counts as unchanged. Every retrain shifts most scores
     slightly, and rewriting every asset of a large project for that would
-    cost far more Kili calls than it is worth.
+    cost many Kili calls for no change of verdict.
     """
     volatile = {prefix + key for key in VOLATILE_KEYS}
     score_key = prefix + SCORE

@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
-# Pillow's own default is about 89 million pixels; a labeling project never
-# needs more than this, and a larger image is almost always a decompression bomb.
+# Pillow's own warning limit is about 89 million pixels. Labeling projects
+# rarely need more than this, so a larger image is treated as a decompression bomb.
 DEFAULT_MAX_PIXELS = 64_000_000
 
 _RESAMPLING = {

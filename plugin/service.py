@@ -202,7 +202,7 @@ def create_app(service: Service) -> FastAPI:
 
     @app.get("/health")
     def health() -> JSONResponse:
-        # Loads a version that became current since the last batch, so the answer is up to date.
+        # Loads a version that became current since the last batch, so the response is up to date.
         version = service.models.current()
         last_error = service.worker.last_error or service.models.last_error
         return JSONResponse({

@@ -1,7 +1,7 @@
 """Small labeled image projects for tests, built from real images.
 
 scikit-learn's digits are real handwritten digits (8x8 pixels); the shared
-data folder holds real photos. Tests that need the photos skip when the
+data folder contains real photos. Tests that need the photos skip when the
 folder is absent.
 """
 

@@ -39,7 +39,7 @@ class BackboneError(ValueError):
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    """What the trainer needs to rebuild a backbone and its preprocessing."""
+    """Settings that rebuild a backbone and its preprocessing."""
 
     model_name: str
     weights: str  # "packaged", "hub", "none" or a checkpoint path

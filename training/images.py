@@ -79,7 +79,7 @@ def load_images(
 ) -> Iterator[LoadedImage]:
     """Fetch and hash each asset's image in a bounded thread pool, in order.
 
-    ``need_pixels(sha256)`` tells whether the decoded pixels are needed (for
+    ``need_pixels(sha256)`` returns whether the decoded pixels are needed (for
     example because the features of that content are not cached yet). A
     failed fetch or decode yields a ``LoadedImage`` with ``error`` set.
     """

@@ -71,7 +71,7 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    """What a run produced: the version folder, the table of verdicts and the summary."""
+    """Outputs of a run: the version folder, the table of verdicts and the summary."""
 
     version_dir: Path
     issues_csv: Path

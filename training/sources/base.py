@@ -30,7 +30,7 @@ class Asset:
 
 @dataclass(frozen=True)
 class AssetResult:
-    """What the tool writes for one asset: its own metadata keys and a priority."""
+    """Output for one asset: the tool's own metadata keys and a review priority."""
 
     asset_id: str
     metadata: Mapping[str, object]

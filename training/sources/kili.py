@@ -424,16 +424,12 @@ class KiliProject(ProjectSource):
         return plan
 
     def _verdict_changed(self, before: Mapping[str, object], merged: Mapping[str, object]) -> bool:
-        """Tell whether ``merged`` differs from ``before`` in more than the time and model version.
+        """Tell whether ``merged`` changes the verdict stored in ``before``.
 
-        Every training run exports a new model version, so comparing it too
-        would rewrite every asset on each rerun. The stored version is
-        therefore the one that first gave the current verdict.
+        ``metadata_changed`` ignores the time and the model version, because
+        every training run exports a new version, and score moves under 0.01.
         """
-        version_key = self.key_prefix + MODEL_VERSION
-        before_verdict = {key: value for key, value in before.items() if key != version_key}
-        merged_verdict = {key: value for key, value in merged.items() if key != version_key}
-        return metadata_changed(before_verdict, merged_verdict, prefix=self.key_prefix)
+        return metadata_changed(before, merged, prefix=self.key_prefix)
 
     def write_results(self, results: Sequence[AssetResult], *, dry_run: bool = False) -> WriteSummary:
         summary = WriteSummary(dry_run=dry_run)
